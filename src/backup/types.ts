@@ -1,0 +1,65 @@
+/**
+ * Public types of the backup module. `src/cache` depends only on `RestorePointReader` and
+ * `ChunkStoreReader`; the source parsers (raw, qcow2, VMDK) implement `DiskSource`.
+ */
+
+/** A disk image opened for reading by one of our parsers (raw, qcow2, VMDK). */
+export interface DiskSource {
+  /** Virtual size of the disk in bytes (what the guest sees). */
+  readonly size: number;
+  /** Human-readable description, e.g. "qcow2 /path/disk.qcow2 (backing: base.qcow2)". */
+  readonly description: string;
+  /** Format name: 'raw' | 'qcow2' | 'vmdk-monolithicSparse' | 'vmdk-streamOptimized' | 'vmdk-monolithicFlat' ... */
+  readonly format: string;
+  /**
+   * Read `length` bytes at virtual `offset` (unallocated areas read as zeroes). Reads beyond `size`
+   * are an error. Returns a buffer of exactly `length` bytes.
+   */
+  read(offset: number, length: number): Promise<Buffer>;
+  /**
+   * Optional: allocation map hint. Returns ranges [offset, length) that are known to read as zero
+   * (unallocated in the image), so backup can skip reading them. May return [] if unknown.
+   */
+  zeroRanges?(): Promise<ReadonlyArray<{ offset: number; length: number }>>;
+  close(): Promise<void>;
+}
+
+/** Summary of one restore point, as listed by `bootrestore list`. */
+export interface RestorePointInfo {
+  readonly vm: string;
+  /** Restore point id: sortable, e.g. "2026-12-02T14-07-08.123Z". */
+  readonly id: string;
+  readonly parent: string | null;
+  readonly createdAt: string;
+  readonly imageSize: number;
+  readonly chunkSize: number;
+  readonly chunkCount: number;
+  readonly zeroChunks: number;
+  readonly source: string;
+}
+
+/**
+ * Random access to one restore point. Used by `src/cache` (which adds the LRU cache and read-ahead)
+ * and by export/verify. Never writes to the repository.
+ */
+export interface RestorePointReader {
+  readonly info: RestorePointInfo;
+  readonly imageSize: number;
+  readonly chunkSize: number;
+  readonly chunkCount: number;
+  /** SHA-256 digest of chunk `index` (uncompressed content), or null for an all-zero chunk. */
+  chunkDigest(index: number): Buffer | null;
+  /** Uncompressed length of chunk `index` (chunkSize, except possibly the last chunk). */
+  chunkLength(index: number): number;
+  /**
+   * Load, decompress (asynchronously) and verify chunk `index`. Zero chunks return a zero buffer.
+   * Throws `CorruptChunkError` if the chunk is missing, its header/CRC is wrong, or its SHA-256
+   * does not match. Does no caching of its own.
+   */
+  loadChunk(index: number): Promise<Buffer>;
+  /** Load and verify the chunk with this digest (shared by restore points: the cache keys by it). */
+  loadChunkByDigest(digest: Buffer, length: number): Promise<Buffer>;
+  /** Read any byte range (convenience; loads the chunks it needs concurrently). */
+  read(offset: number, length: number): Promise<Buffer>;
+  close(): Promise<void>;
+}

@@ -1,0 +1,83 @@
+/**
+ * The seam between the iSCSI target and storage. `src/iscsi` serves any object that implements
+ * `BlockDevice`; `src/cache` (backup + delta) and `src/storage/file-device.ts` (raw file) implement it.
+ * Neither side imports the other: both import only this module.
+ */
+
+export interface BlockDeviceIdentity {
+  /** Unit serial number (VPD 0x80): printable ASCII, stable across restarts. */
+  readonly serial: string;
+  /** 8-byte NAA IEEE Registered designator (NAA type 5) for VPD 0x83, stable across restarts. */
+  readonly naa: Buffer;
+  /** T10 vendor identification (≤ 8 ASCII chars). */
+  readonly vendor: string;
+  /** Product identification (≤ 16 ASCII chars). */
+  readonly product: string;
+  /** Product revision (≤ 4 ASCII chars). */
+  readonly revision?: string;
+}
+
+export interface LbaRange {
+  readonly lba: number;
+  readonly blocks: number;
+}
+
+/** Provisioning state of a run of blocks starting at some LBA (SBC-3 5.5 GET LBA STATUS). */
+export interface LbaStatus {
+  /** true: mapped (holds data); false: deallocated (reads return zeroes). */
+  readonly mapped: boolean;
+  /** Number of blocks from the queried LBA that share this state (≥ 1). */
+  readonly blocks: number;
+}
+
+export interface WriteOptions {
+  /** Force unit access: the data must be durable before the promise resolves. */
+  readonly fua: boolean;
+}
+
+export interface BlockDevice {
+  /** Logical block size in bytes: 512 for every LUN an ESXi host may see. */
+  readonly blockSize: number;
+  /** Number of logical blocks. JS numbers are exact to 2^53: ample for LBAs and byte offsets. */
+  readonly blockCount: number;
+  readonly readOnly: boolean;
+  readonly identity: BlockDeviceIdentity;
+  /** true when unmap() really deallocates (the target then advertises LBPU / LBPME). */
+  readonly supportsUnmap: boolean;
+  /** Read `blocks` blocks from `lba`. The caller guarantees the range is within the device. */
+  read(lba: number, blocks: number): Promise<Buffer>;
+  /** Write whole blocks (data.length is a multiple of blockSize). */
+  write(lba: number, data: Buffer, opts: WriteOptions): Promise<void>;
+  /** Make every acknowledged write durable (SYNCHRONIZE CACHE). */
+  flush(): Promise<void>;
+  /** Deallocate ranges; subsequent reads return zeroes. */
+  unmap(ranges: ReadonlyArray<LbaRange>): Promise<void>;
+  /** Provisioning status at `lba` (GET LBA STATUS); absent means "everything mapped". */
+  status?(lba: number): Promise<LbaStatus>;
+  /** Release resources (file handles). Called once when the LUN is removed or the server stops. */
+  close(): Promise<void>;
+}
+
+/** Base class of typed storage errors; the SCSI layer maps each kind to one sense reason. */
+export class StorageError extends Error {
+  constructor(
+    message: string,
+    readonly kind: StorageErrorKind,
+    options?: { cause?: unknown },
+  ) {
+    super(message, options);
+    this.name = 'StorageError';
+  }
+}
+
+export type StorageErrorKind =
+  /** Data cannot be read back correctly (corrupt or missing chunk, I/O error on read) → 03/11/00. */
+  | 'medium-error'
+  /** A write could not be stored (I/O error on write, disk full) → 03/0C/00. */
+  | 'write-error'
+  /** The device refuses writes → 07/27/00. */
+  | 'write-protected';
+
+export function isStorageError(e: unknown): e is StorageError {
+  return e instanceof StorageError;
+}
