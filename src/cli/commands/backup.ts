@@ -1,0 +1,5 @@
+// PLACEHOLDER: the "backup" command is being written; it is not available in this build.
+export async function run(_argv: string[]): Promise<number> {
+  process.stderr.write('bootrestore backup: not available in this build yet\n');
+  return 70;
+}

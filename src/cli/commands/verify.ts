@@ -1,0 +1,5 @@
+// PLACEHOLDER: the "verify" command is being written; it is not available in this build.
+export async function run(_argv: string[]): Promise<number> {
+  process.stderr.write('bootrestore verify: not available in this build yet\n');
+  return 70;
+}
