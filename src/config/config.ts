@@ -29,18 +29,12 @@ export interface BackupLunConfig {
 
 export type LunConfig = FileLunConfig | BackupLunConfig;
 
-export interface ChapConfig {
-  readonly username: string;
-  readonly secret: string;
-}
-
 export interface TargetConfig {
   readonly iqn: string;
   readonly alias?: string;
   readonly luns: readonly LunConfig[];
   /** Allowed initiator IQNs; absent = any initiator. */
   readonly initiators?: readonly string[];
-  readonly chap?: ChapConfig;
 }
 
 export interface Portal {
@@ -220,21 +214,13 @@ export function validateConfig(raw: unknown, file: string, baseDir: string): Ser
 
   const targets = c.array(top.targets, 'targets').map((tv, ti): TargetConfig => {
     const tk = join('targets', ti);
-    const t = c.object(tv, tk, ['iqn', 'alias', 'luns', 'initiators', 'chap']);
+    const t = c.object(tv, tk, ['iqn', 'alias', 'luns', 'initiators']);
     const iqn = c.iscsiName(t.iqn, join(tk, 'iqn'));
     const alias = t.alias === undefined ? undefined : c.string(t.alias, join(tk, 'alias'));
     const initiators =
       t.initiators === undefined
         ? undefined
         : c.array(t.initiators, join(tk, 'initiators')).map((v, i) => c.iscsiName(v, join(join(tk, 'initiators'), i)));
-    let chap: ChapConfig | undefined;
-    if (t.chap !== undefined) {
-      const ck = join(tk, 'chap');
-      const ch = c.object(t.chap, ck, ['username', 'secret']);
-      const secret = c.string(ch.secret, join(ck, 'secret'));
-      if (secret.length < 12 || secret.length > 16) c.fail(join(ck, 'secret'), 'CHAP secrets must be 12 to 16 characters (RFC 7143 §12.1.3 recommends ≥ 12; initiators commonly cap at 16)');
-      chap = { username: c.string(ch.username, join(ck, 'username')), secret };
-    }
     const seen = new Set<number>();
     const luns = c.array(t.luns, join(tk, 'luns')).map((lv, li): LunConfig => {
       const lk = join(join(tk, 'luns'), li);
@@ -260,7 +246,7 @@ export function validateConfig(raw: unknown, file: string, baseDir: string): Ser
       if (!readOnly && deltaDir === undefined) c.fail(bk, 'a writable backup LUN needs the top-level "deltaDir" key');
       return { kind: 'backup', lun, vm, point, readOnly, ...(mount ? { mount } : {}) };
     });
-    return { iqn, luns, ...(alias ? { alias } : {}), ...(initiators ? { initiators } : {}), ...(chap ? { chap } : {}) };
+    return { iqn, luns, ...(alias ? { alias } : {}), ...(initiators ? { initiators } : {}) };
   });
   const iqns = new Set<string>();
   targets.forEach((t, i) => {

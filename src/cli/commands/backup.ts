@@ -1,5 +1,80 @@
-// PLACEHOLDER: the "backup" command is being written; it is not available in this build.
-export async function run(_argv: string[]): Promise<number> {
-  process.stderr.write('bootrestore backup: not available in this build yet\n');
-  return 70;
+/** `bootrestore backup SOURCE --repo DIR --vm NAME [--chunk-size N] [--changed-blocks FILE] [--json]` */
+import { readFile } from 'node:fs/promises';
+import { parseArgs, requireValue, UsageError } from '../args.js';
+import { createRootLogger } from '../../log.js';
+import { openSource } from '../../backup/sources/open.js';
+import { backupSource, parseChangedBlocks, type ByteRange } from '../../backup/engine.js';
+import { ProgressBar, formatBytes, parseSize, printJson, usageRequested } from '../../backup/cli-support.js';
+
+const USAGE = `usage: bootrestore backup SOURCE --repo DIR --vm NAME [--chunk-size N] [--changed-blocks FILE] [--json]
+
+Back up a disk image (raw, qcow2, VMDK) as a new restore point of VM NAME. The repository is
+created if DIR does not exist or is empty. The first backup of a VM is full and fixes its chunk
+size (--chunk-size, default 256K; 64K..16M, a power of two); later backups store only chunks
+whose content changed.
+  --changed-blocks FILE  read only these byte ranges and take every other chunk from the previous
+                         restore point. FILE: JSON [{"offset":N,"length":N},...] or lines
+                         "offset length" (decimal or 0x hex; '#' starts a comment).
+  --json                 print the result as JSON on stdout`;
+
+export async function run(argv: string[]): Promise<number> {
+  if (usageRequested(argv)) {
+    process.stdout.write(USAGE + '\n');
+    return 0;
+  }
+  const args = parseArgs(argv, { values: ['repo', 'vm', 'chunk-size', 'changed-blocks'], booleans: ['json'] });
+  if (args.positionals.length !== 1) throw new UsageError('backup needs exactly one SOURCE image');
+  const sourcePath = args.positionals[0]!;
+  const repoDir = requireValue(args, 'repo');
+  const vm = requireValue(args, 'vm');
+  const chunkSizeText = args.values.get('chunk-size');
+  const chunkSize = chunkSizeText === undefined ? undefined : parseSize(chunkSizeText, '--chunk-size');
+  const changedFile = args.values.get('changed-blocks');
+  let changedBlocks: ByteRange[] | undefined;
+  if (changedFile !== undefined) changedBlocks = parseChangedBlocks(await readFile(changedFile, 'utf8'), changedFile);
+  const json = args.booleans.has('json');
+  const logger = createRootLogger(process.env.BOOTRESTORE_LOG_LEVEL ?? 'warn').child({ command: 'backup', vm });
+
+  const source = await openSource(sourcePath);
+  const bar = new ProgressBar(`backup ${vm}`);
+  let result;
+  try {
+    result = await backupSource(repoDir, source, {
+      vm,
+      chunkSize,
+      changedBlocks,
+      logger,
+      onProgress: (p) => bar.update(p.chunksDone, p.chunkCount, p.bytesDone),
+    });
+  } finally {
+    bar.finish();
+    await source.close();
+  }
+  const s = result.stats;
+  const mbPerSecond = s.seconds > 0 ? s.bytesRead / s.seconds / 1e6 : 0;
+  const dedupRatio = s.newBytesUncompressed > 0 ? s.nonZeroBytesRead / s.newBytesUncompressed : null;
+  if (json) {
+    printJson({
+      vm,
+      id: result.info.id,
+      parent: result.info.parent,
+      mode: result.mode,
+      repositoryCreated: result.repositoryCreated,
+      imageSize: result.info.imageSize,
+      chunkSize: result.info.chunkSize,
+      ...s,
+      mbPerSecond,
+      dedupRatio,
+    });
+  } else {
+    process.stdout.write(
+      `${result.repositoryCreated ? `created repository ${repoDir}\n` : ''}` +
+        `backup ${vm} ${result.info.id} (${result.mode}): read ${formatBytes(s.bytesRead)} in ${s.seconds.toFixed(1)} s ` +
+        `(${mbPerSecond.toFixed(0)} MB/s); ${s.chunks} chunks of ${formatBytes(result.info.chunkSize)}: ${s.newChunks} new, ` +
+        `${s.dedupChunks} dedup, ${s.unchangedChunks + s.parentChunks} unchanged, ${s.zeroChunks} zero; ` +
+        `stored ${formatBytes(s.newBytesStored)}; dedup ratio ${dedupRatio === null ? 'n/a (nothing new)' : dedupRatio.toFixed(2)}\n`,
+    );
+  }
+  return 0;
 }
+

@@ -1,5 +1,29 @@
-// PLACEHOLDER: the "prune" command is being written; it is not available in this build.
-export async function run(_argv: string[]): Promise<number> {
-  process.stderr.write('bootrestore prune: not available in this build yet\n');
-  return 70;
+/** `bootrestore prune --repo DIR --vm NAME --keep-last N [--dry-run] [--json]` */
+import { parseArgs, requireValue, UsageError } from '../args.js';
+import { pruneVm } from '../../backup/maintenance.js';
+import { parseCount, printJson, usageRequested } from '../../backup/cli-support.js';
+
+const USAGE = `usage: bootrestore prune --repo DIR --vm NAME --keep-last N [--dry-run] [--json]
+
+Delete all but the newest N restore points of VM NAME. Every index is complete, so the remaining
+points stay readable; run "bootrestore gc" afterwards to free the chunks no point references.`;
+
+export async function run(argv: string[]): Promise<number> {
+  if (usageRequested(argv)) {
+    process.stdout.write(USAGE + '\n');
+    return 0;
+  }
+  const args = parseArgs(argv, { values: ['repo', 'vm', 'keep-last'], booleans: ['json', 'dry-run'] });
+  if (args.positionals.length > 0) throw new UsageError(`prune takes no positional arguments (got "${args.positionals[0]}")`);
+  const vm = requireValue(args, 'vm');
+  const keepLast = parseCount(requireValue(args, 'keep-last'), '--keep-last');
+  const dryRun = args.booleans.has('dry-run');
+  const result = await pruneVm(requireValue(args, 'repo'), vm, keepLast, { dryRun });
+  if (args.booleans.has('json')) {
+    printJson({ vm, dryRun, ...result });
+  } else {
+    for (const id of result.removed) process.stdout.write(`${dryRun ? 'would remove' : 'removed'} ${vm}/${id}\n`);
+    process.stdout.write(`prune ${vm}: ${result.removed.length} removed, ${result.kept.length} kept${dryRun ? ' (dry run)' : ''}\n`);
+  }
+  return 0;
 }

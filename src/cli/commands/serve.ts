@@ -1,6 +1,7 @@
 import { parseArgs, requireValue, UsageError } from '../args.js';
 import { loadConfig, ConfigError } from '../../config/config.js';
 import { createRootLogger } from '../../log.js';
+import { BootrestoreService } from '../../service.js';
 
 const HELP = `usage: bootrestore serve --config FILE
 
@@ -28,8 +29,7 @@ export async function run(argv: string[]): Promise<number> {
     throw err;
   }
   const logger = createRootLogger(process.env.BOOTRESTORE_LOG_LEVEL ?? config.logLevel);
-  const { openServiceForConfig } = await import('../../mounts/open-service.js');
-  const service = await openServiceForConfig(config, logger);
+  const service = new BootrestoreService(config, logger);
   await service.start();
 
   let stopping: Promise<void> | undefined;

@@ -1,0 +1,307 @@
+import { mkdir, readFile, readdir, rm } from 'node:fs/promises';
+import { join } from 'node:path';
+import type { Logger } from '../log.js';
+import { deriveIdentity } from '../identity.js';
+import { openRestorePoint } from '../backup/reader.js';
+import { writeRestorePoint } from '../backup/writer.js';
+import { writeFileAtomic } from '../backup/repository.js';
+import { processChunkCache, type ChunkCache } from '../cache/chunk-cache.js';
+import { openBackupDevice, commitSpecFor, type BackupBlockDevice } from '../cache/backup-device.js';
+import { renderPrometheus, type LunMetricsSource } from '../cache/metrics.js';
+import { GatedDevice } from './gated-device.js';
+
+/** Prefix of the IQN of a target created for a mount that names no target. */
+export const MOUNT_IQN_PREFIX = 'iqn.2026-12.io.bootrestore:mount.';
+const MOUNT_NAME = /^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$/;
+
+/** What is persisted per mount in `<deltaDir>/<name>/mount.json`. */
+export interface MountRecord {
+  readonly name: string;
+  readonly vm: string;
+  /** The resolved restore point id (never "latest": the mount keeps serving what it mounted). */
+  readonly point: string;
+  readonly iqn: string;
+  readonly lun: number;
+  readonly readOnly: boolean;
+  readonly createdAt: string;
+  /** Declared in the config file (re-created from there) rather than added at run time. */
+  readonly fromConfig: boolean;
+  /** Runtime mounts: false after `unmount --keep` (the delta stays; not re-mounted at start). */
+  readonly active: boolean;
+  readonly initiators?: readonly string[];
+}
+
+export interface MountRequest {
+  readonly vm: string;
+  readonly point?: string;
+  readonly name?: string;
+  readonly iqn?: string;
+  readonly lun?: number;
+  readonly readOnly?: boolean;
+  readonly initiators?: readonly string[];
+}
+
+export interface MountInfo extends MountRecord {
+  readonly serial: string;
+  readonly naa: string;
+  readonly blocks: number;
+  readonly deltaBytes: number;
+  readonly cache: { hits: number; misses: number; crossMountHits: number };
+  readonly reads: number;
+  readonly writes: number;
+}
+
+/** How mounts reach the iSCSI side (implemented by BootrestoreService). */
+export interface LunHost {
+  attach(iqn: string, lun: number, device: GatedDevice, initiators?: readonly string[]): Promise<void>;
+  detach(iqn: string, lun: number): Promise<void>;
+}
+
+export class MountError extends Error {
+  constructor(
+    message: string,
+    readonly status: number,
+  ) {
+    super(message);
+    this.name = 'MountError';
+  }
+}
+
+interface ActiveMount {
+  record: MountRecord;
+  readonly device: BackupBlockDevice;
+  readonly gated: GatedDevice;
+}
+
+/**
+ * Mounted restore points: each is a BackupBlockDevice (restore point + shared chunk cache + its own
+ * delta in `<deltaDir>/<name>/delta`) served as a LUN. Records are persisted so a restarted server
+ * resumes every mount with its delta.
+ */
+export class MountManager {
+  private readonly mounts = new Map<string, ActiveMount>();
+  readonly cache: ChunkCache;
+  private busy: Promise<unknown> = Promise.resolve();
+
+  constructor(
+    readonly repository: string,
+    readonly deltaDir: string | undefined,
+    cacheBytes: number,
+    private readonly host: LunHost,
+    private readonly logger: Logger,
+  ) {
+    this.cache = processChunkCache({ maxBytes: cacheBytes, logger: logger.child({ component: 'chunk-cache' }) });
+  }
+
+  /** Serialise mount-table changes (mount/unmount/commit) so two requests cannot interleave. */
+  private exclusive<T>(op: () => Promise<T>): Promise<T> {
+    const next = this.busy.then(op, op);
+    this.busy = next.catch(() => undefined);
+    return next;
+  }
+
+  /** Re-mount every active runtime mount found in deltaDir (after a restart or crash). */
+  async resumePersisted(): Promise<void> {
+    if (!this.deltaDir) return;
+    let names: string[];
+    try {
+      names = await readdir(this.deltaDir);
+    } catch {
+      return;
+    }
+    for (const name of names.sort()) {
+      const record = await this.readRecord(name);
+      if (!record || record.fromConfig || !record.active || this.mounts.has(name)) continue;
+      this.logger.info({ mount: name, vm: record.vm, point: record.point }, 'resuming mount');
+      await this.exclusive(() => this.open(record));
+    }
+  }
+
+  mount(req: MountRequest, fromConfig = false): Promise<MountInfo> {
+    return this.exclusive(async () => {
+      const name = req.name ?? defaultMountName(req.vm);
+      if (!MOUNT_NAME.test(name)) throw new MountError(`mount name "${name}" must be 1–64 of A-Z a-z 0-9 . _ - (starting alphanumeric)`, 400);
+      if (this.mounts.has(name)) throw new MountError(`mount "${name}" is already mounted`, 409);
+      const readOnly = req.readOnly ?? false;
+      if (!readOnly && !this.deltaDir) throw new MountError('a writable mount needs "deltaDir" in the config', 400);
+      const existing = await this.readRecord(name);
+      let record: MountRecord;
+      if (existing) {
+        // Resume a kept delta: it only makes sense over the same restore point.
+        const point = req.point && req.point !== 'latest' ? req.point : existing.point;
+        if (existing.vm !== req.vm || existing.point !== point) {
+          throw new MountError(
+            `mount "${name}" has a kept delta over ${existing.vm}@${existing.point}; unmount it with --discard or choose another --name`,
+            409,
+          );
+        }
+        record = { ...existing, active: true, readOnly, fromConfig, ...(req.iqn ? { iqn: req.iqn } : {}), ...(req.lun !== undefined ? { lun: req.lun } : {}) };
+      } else {
+        const reader = await openRestorePoint(this.repository, req.vm, req.point ?? 'latest').catch((err: unknown) => {
+          throw new MountError((err as Error).message, 404);
+        });
+        const point = reader.info.id;
+        await reader.close();
+        record = {
+          name,
+          vm: req.vm,
+          point,
+          iqn: req.iqn ?? MOUNT_IQN_PREFIX + name.toLowerCase(),
+          lun: req.lun ?? 0,
+          readOnly,
+          createdAt: new Date().toISOString(),
+          fromConfig,
+          active: true,
+          ...(req.initiators ? { initiators: req.initiators } : {}),
+        };
+      }
+      return this.open(record);
+    });
+  }
+
+  private async open(record: MountRecord): Promise<MountInfo> {
+    const reader = await openRestorePoint(this.repository, record.vm, record.point);
+    let device: BackupBlockDevice;
+    try {
+      const deltaDir = record.readOnly || !this.deltaDir ? null : join(this.deltaDir, record.name, 'delta');
+      if (deltaDir) await mkdir(deltaDir, { recursive: true });
+      device = await openBackupDevice({
+        reader,
+        cache: this.cache,
+        deltaDir,
+        mountId: record.name,
+        // Stable per mount (survives restarts), different for two mounts of one restore point.
+        identity: deriveIdentity(`mount\0${record.name}\0${record.createdAt}`, 'bootrestore RP'),
+        logger: this.logger.child({ mount: record.name }),
+      });
+    } catch (err) {
+      await reader.close();
+      throw err;
+    }
+    const gated = new GatedDevice(device);
+    try {
+      if (this.deltaDir) await this.writeRecord(record);
+      await this.host.attach(record.iqn, record.lun, gated, record.initiators);
+    } catch (err) {
+      await device.close();
+      throw err;
+    }
+    const active: ActiveMount = { record, device, gated };
+    this.mounts.set(record.name, active);
+    this.logger.info({ mount: record.name, vm: record.vm, point: record.point, iqn: record.iqn, lun: record.lun }, 'mounted');
+    return this.describe(active);
+  }
+
+  unmount(name: string, delta: 'keep' | 'discard'): Promise<void> {
+    return this.exclusive(async () => {
+      const m = this.mounts.get(name);
+      if (!m) {
+        const rec = await this.readRecord(name);
+        if (rec && delta === 'discard' && this.deltaDir) {
+          await rm(join(this.deltaDir, name), { recursive: true, force: true });
+          return;
+        }
+        throw new MountError(`no mount named "${name}"`, 404);
+      }
+      this.mounts.delete(name);
+      await this.host.detach(m.record.iqn, m.record.lun); // closes the device after flushing
+      if (!this.deltaDir) return;
+      if (delta === 'discard') await rm(join(this.deltaDir, name), { recursive: true, force: true });
+      else await this.writeRecord({ ...m.record, active: false });
+      this.logger.info({ mount: name, delta }, 'unmounted');
+    });
+  }
+
+  /** Base + delta → a new restore point of the VM (only changed chunks are new). Writes are held meanwhile. */
+  commit(name: string): Promise<{ point: string; newChunks: number; newBytesStored: number; chunks: number }> {
+    return this.exclusive(async () => {
+      const m = this.mounts.get(name);
+      if (!m) throw new MountError(`no mount named "${name}"`, 404);
+      const release = await m.gated.quiesce();
+      try {
+        await m.device.flush();
+        const base = await openRestorePoint(this.repository, m.record.vm, m.record.point);
+        try {
+          const result = await writeRestorePoint(
+            this.repository,
+            commitSpecFor(m.device, base, { vm: m.record.vm, parent: m.record.point, source: `mount ${name} of ${m.record.vm}@${m.record.point}` }),
+            { logger: this.logger.child({ mount: name, op: 'commit' }), command: 'commit' },
+          );
+          this.logger.info({ mount: name, point: result.info.id, newChunks: result.stats.newChunks }, 'committed');
+          return {
+            point: result.info.id,
+            newChunks: result.stats.newChunks,
+            newBytesStored: result.stats.newBytesStored,
+            chunks: result.stats.chunks,
+          };
+        } finally {
+          await base.close();
+        }
+      } finally {
+        release();
+      }
+    });
+  }
+
+  list(): MountInfo[] {
+    return [...this.mounts.values()].map((m) => this.describe(m));
+  }
+
+  prometheus(): string {
+    const luns: LunMetricsSource[] = [...this.mounts.values()].map((m) => {
+      const s = m.device.stats();
+      return {
+        labels: { mount: m.record.name, vm: m.record.vm, point: m.record.point, target: m.record.iqn, lun: String(m.record.lun) },
+        metrics: s.metrics,
+        ...(s.delta ? { deltaBytes: s.delta.deltaBytes } : {}),
+      };
+    });
+    return renderPrometheus(luns, this.cache.stats());
+  }
+
+  /** Detach nothing (the service stops the server first); flush and close every device. */
+  async closeAll(): Promise<void> {
+    for (const m of this.mounts.values()) {
+      try {
+        await m.device.flush();
+      } catch (err) {
+        this.logger.error({ mount: m.record.name, err }, 'flush at close failed');
+      }
+    }
+    this.mounts.clear();
+  }
+
+  private describe(m: ActiveMount): MountInfo {
+    const s = m.device.stats();
+    const cacheStats = this.cache.stats().byMount[m.record.name] ?? { hits: 0, misses: 0, crossMountHits: 0 };
+    return {
+      ...m.record,
+      serial: m.device.identity.serial,
+      naa: m.device.identity.naa.toString('hex'),
+      blocks: m.device.blockCount,
+      deltaBytes: s.delta?.deltaBytes ?? 0,
+      cache: cacheStats,
+      reads: s.metrics.reads,
+      writes: s.metrics.writes,
+    };
+  }
+
+  private async readRecord(name: string): Promise<MountRecord | undefined> {
+    if (!this.deltaDir || !MOUNT_NAME.test(name)) return undefined;
+    try {
+      return JSON.parse(await readFile(join(this.deltaDir, name, 'mount.json'), 'utf8')) as MountRecord;
+    } catch {
+      return undefined;
+    }
+  }
+
+  private async writeRecord(record: MountRecord): Promise<void> {
+    const dir = join(this.deltaDir!, record.name);
+    await mkdir(dir, { recursive: true });
+    await writeFileAtomic(join(dir, 'mount.json'), Buffer.from(JSON.stringify(record, null, 2) + '\n'));
+  }
+}
+
+function defaultMountName(vm: string): string {
+  return vm.replace(/[^A-Za-z0-9._-]/g, '-').replace(/^[^A-Za-z0-9]+/, '').slice(0, 64) || 'mount';
+}
