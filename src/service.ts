@@ -150,7 +150,7 @@ export class BootrestoreService implements LunHost {
       }
       t.devices.clear();
     }
-    await this.mounts?.closeAll();
+    this.mounts?.closeAll();
     if (this.config.deltaDir && this.controlUrl) await rm(join(this.config.deltaDir, STATE_FILE), { force: true });
   }
 

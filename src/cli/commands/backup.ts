@@ -4,7 +4,7 @@ import { parseArgs, requireValue, UsageError } from '../args.js';
 import { createRootLogger } from '../../log.js';
 import { openSource } from '../../backup/sources/open.js';
 import { backupSource, parseChangedBlocks, type ByteRange } from '../../backup/engine.js';
-import { ProgressBar, formatBytes, parseSize, printJson, usageRequested } from '../../backup/cli-support.js';
+import { ProgressBar, formatBytes, parseSize, printJson, usageRequested, useLargerThreadPool } from '../../backup/cli-support.js';
 
 const USAGE = `usage: bootrestore backup SOURCE --repo DIR --vm NAME [--chunk-size N] [--changed-blocks FILE] [--json]
 
@@ -18,6 +18,7 @@ whose content changed.
   --json                 print the result as JSON on stdout`;
 
 export async function run(argv: string[]): Promise<number> {
+  useLargerThreadPool();
   if (usageRequested(argv)) {
     process.stdout.write(USAGE + '\n');
     return 0;

@@ -1,7 +1,7 @@
 /** `bootrestore export --repo DIR --vm NAME [--point ID] [--force] [--json] OUTPUT` */
 import { parseArgs, requireValue, UsageError } from '../args.js';
 import { exportRestorePoint } from '../../backup/export.js';
-import { ProgressBar, formatBytes, printJson, usageRequested } from '../../backup/cli-support.js';
+import { ProgressBar, formatBytes, printJson, usageRequested, useLargerThreadPool } from '../../backup/cli-support.js';
 
 const USAGE = `usage: bootrestore export --repo DIR --vm NAME [--point ID] [--force] [--json] OUTPUT
 
@@ -9,6 +9,7 @@ Write a restore point (default: the latest) to OUTPUT as a raw image. Zero chunk
 (sparse file). OUTPUT must not exist unless --force is given.`;
 
 export async function run(argv: string[]): Promise<number> {
+  useLargerThreadPool();
   if (usageRequested(argv)) {
     process.stdout.write(USAGE + '\n');
     return 0;

@@ -2,7 +2,7 @@
 import { parseArgs, requireValue, UsageError } from '../args.js';
 import { createRootLogger } from '../../log.js';
 import { verifyRepository } from '../../backup/verify.js';
-import { ProgressBar, formatBytes, printJson, usageRequested } from '../../backup/cli-support.js';
+import { ProgressBar, formatBytes, printJson, usageRequested, useLargerThreadPool } from '../../backup/cli-support.js';
 
 const USAGE = `usage: bootrestore verify --repo DIR [--vm NAME] [--json]
 
@@ -10,6 +10,7 @@ Re-read every chunk referenced by the restore points (of one VM or all), check C
 and report each corrupt or missing chunk with the restore points it breaks. Exit code 1 if any.`;
 
 export async function run(argv: string[]): Promise<number> {
+  useLargerThreadPool();
   if (usageRequested(argv)) {
     process.stdout.write(USAGE + '\n');
     return 0;

@@ -1,0 +1,255 @@
+/**
+ * On-disk formats of the repository: chunk files and restore-point index files.
+ * Layouts are documented in docs/repository-format.md; all integers are little-endian.
+ */
+import { createHash } from 'node:crypto';
+import { crc32, deflateRaw, inflateRaw, constants as zlibConstants } from 'node:zlib';
+import { promisify } from 'node:util';
+import { CorruptChunkError, RepositoryError } from './errors.js';
+
+const deflateRawAsync = promisify(deflateRaw);
+const inflateRawAsync = promisify(inflateRaw);
+
+// ---------------------------------------------------------------------------------------------
+// Chunk files
+// ---------------------------------------------------------------------------------------------
+
+/** "BRCK": bootrestore chunk. */
+export const CHUNK_MAGIC = 0x4b435242;
+export const CHUNK_FORMAT_VERSION = 1;
+export const CHUNK_HEADER_SIZE = 24;
+
+export const enum ChunkCompression {
+  None = 0,
+  /** Raw DEFLATE (RFC 1951) at level 1, via node:zlib's async API (libuv thread pool). */
+  Deflate = 1,
+}
+
+/** Compression is kept only if it saves at least this fraction of the chunk. */
+const MIN_SAVING = 0.1;
+
+/** Largest chunk we accept (also guards inflate against decompression bombs). */
+export const MAX_CHUNK_SIZE = 16 * 1024 * 1024;
+
+export const DIGEST_LENGTH = 32;
+/** The index stores 32 zero bytes for a chunk whose content is all zero (no chunk file). */
+export const ZERO_DIGEST = Buffer.alloc(DIGEST_LENGTH);
+
+export function sha256(data: Buffer): Buffer {
+  return createHash('sha256').update(data).digest();
+}
+
+export function isZeroDigest(digest: Buffer): boolean {
+  return digest.equals(ZERO_DIGEST);
+}
+
+const ZERO_PAGE = Buffer.alloc(64 * 1024);
+
+/** True if every byte is zero (compares 64 KiB slices against a shared zero page). */
+export function isAllZero(data: Buffer): boolean {
+  for (let off = 0; off < data.length; off += ZERO_PAGE.length) {
+    const end = Math.min(data.length, off + ZERO_PAGE.length);
+    if (!data.subarray(off, end).equals(ZERO_PAGE.subarray(0, end - off))) return false;
+  }
+  return true;
+}
+
+const SAMPLE_SIZE = 4096;
+
+/**
+ * Deflating incompressible data (encrypted, already compressed) costs ~5x more CPU than hashing it
+ * and saves nothing. Deflate two 4 KiB samples (start and middle) first; if neither saves 10%, the
+ * chunk is stored as is. Small chunks are always tried.
+ */
+async function looksCompressible(data: Buffer): Promise<boolean> {
+  if (data.length < 16 * SAMPLE_SIZE) return true;
+  const mid = Math.floor(data.length / 2 / SAMPLE_SIZE) * SAMPLE_SIZE;
+  const samples = [data.subarray(0, SAMPLE_SIZE), data.subarray(mid, mid + SAMPLE_SIZE)];
+  const sizes = await Promise.all(samples.map((s) => deflateRawAsync(s, { level: 1 }).then((d) => d.length)));
+  return sizes.some((n) => n <= SAMPLE_SIZE * (1 - MIN_SAVING));
+}
+
+export interface EncodedChunk {
+  /** Header + payload, ready to be written to the chunk file. */
+  readonly file: Buffer;
+  readonly compression: ChunkCompression;
+  readonly storedLength: number;
+}
+
+/**
+ * Build a chunk file: 24-byte header (magic, version, compression, uncompressed length, stored
+ * length, CRC32 of the stored payload) followed by the payload. Deflate runs off the event loop.
+ */
+export async function encodeChunk(data: Buffer, compress = true): Promise<EncodedChunk> {
+  let payload = data;
+  let compression = ChunkCompression.None;
+  if (compress && data.length > 0 && (await looksCompressible(data))) {
+    const deflated = await deflateRawAsync(data, { level: 1, strategy: zlibConstants.Z_DEFAULT_STRATEGY });
+    if (deflated.length <= data.length * (1 - MIN_SAVING)) {
+      payload = deflated;
+      compression = ChunkCompression.Deflate;
+    }
+  }
+  const file = Buffer.allocUnsafe(CHUNK_HEADER_SIZE + payload.length);
+  file.writeUInt32LE(CHUNK_MAGIC, 0);
+  file.writeUInt8(CHUNK_FORMAT_VERSION, 4);
+  file.writeUInt8(compression, 5);
+  file.writeUInt16LE(0, 6);
+  file.writeUInt32LE(data.length, 8);
+  file.writeUInt32LE(payload.length, 12);
+  file.writeUInt32LE(crc32(payload), 16);
+  file.writeUInt32LE(0, 20);
+  payload.copy(file, CHUNK_HEADER_SIZE);
+  return { file, compression, storedLength: payload.length };
+}
+
+/**
+ * Parse and verify a chunk file: header, CRC32 of the payload, inflate (async), length, then
+ * SHA-256 against `digest`. Any mismatch throws CorruptChunkError: never wrong data.
+ */
+export async function decodeChunk(
+  file: Buffer,
+  digest: Buffer,
+  expectedLength: number,
+  path?: string,
+): Promise<Buffer> {
+  const hex = digest.toString('hex');
+  const fail = (reason: string): CorruptChunkError => new CorruptChunkError(hex, reason, path);
+  if (file.length < CHUNK_HEADER_SIZE) throw fail(`file is ${file.length} bytes, shorter than the header`);
+  if (file.readUInt32LE(0) !== CHUNK_MAGIC) throw fail('bad magic');
+  const version = file.readUInt8(4);
+  if (version !== CHUNK_FORMAT_VERSION) throw fail(`unsupported chunk format version ${version}`);
+  const compression = file.readUInt8(5);
+  const uncompressedLength = file.readUInt32LE(8);
+  const storedLength = file.readUInt32LE(12);
+  const storedCrc = file.readUInt32LE(16);
+  if (uncompressedLength !== expectedLength) {
+    throw fail(`header says ${uncompressedLength} bytes, the index expects ${expectedLength}`);
+  }
+  if (storedLength !== file.length - CHUNK_HEADER_SIZE) {
+    throw fail(`payload is ${file.length - CHUNK_HEADER_SIZE} bytes, header says ${storedLength}`);
+  }
+  const payload = file.subarray(CHUNK_HEADER_SIZE);
+  if (crc32(payload) !== storedCrc) throw fail('CRC32 mismatch');
+  let data: Buffer;
+  if (compression === ChunkCompression.None) {
+    if (storedLength !== uncompressedLength) throw fail('stored length differs from length of an uncompressed chunk');
+    data = payload;
+  } else if (compression === ChunkCompression.Deflate) {
+    try {
+      data = await inflateRawAsync(payload, { maxOutputLength: Math.max(1, uncompressedLength) });
+    } catch (err) {
+      throw fail(`inflate failed: ${err instanceof Error ? err.message : String(err)}`);
+    }
+    if (data.length !== uncompressedLength) throw fail(`inflated to ${data.length} bytes, expected ${uncompressedLength}`);
+  } else {
+    throw fail(`unknown compression kind ${compression}`);
+  }
+  if (!sha256(data).equals(digest)) throw fail('SHA-256 of the content does not match its name');
+  return data;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Index files
+// ---------------------------------------------------------------------------------------------
+
+/** 8 ASCII bytes "BRINDEX1": bootrestore index. */
+export const INDEX_MAGIC = Buffer.from('BRINDEX1', 'latin1');
+export const INDEX_FORMAT_VERSION = 1;
+const INDEX_FIXED_HEADER = 16; // magic (8) + version u32 + metadata length u32
+
+/** Metadata of a restore point, stored as JSON in its index. */
+export interface IndexMetadata {
+  readonly vm: string;
+  readonly id: string;
+  readonly parent: string | null;
+  readonly createdAt: string;
+  readonly imageSize: number;
+  readonly chunkSize: number;
+  readonly chunkCount: number;
+  readonly source: string;
+}
+
+export interface RestorePointIndex {
+  readonly meta: IndexMetadata;
+  /** chunkCount × 32 bytes: SHA-256 per chunk, 32 zero bytes for an all-zero chunk. */
+  readonly digests: Buffer;
+}
+
+export function chunkCountFor(imageSize: number, chunkSize: number): number {
+  return Math.ceil(imageSize / chunkSize);
+}
+
+/**
+ * Index layout: "BRINDEX1", u32 version, u32 metadata length, metadata (UTF-8 JSON),
+ * chunkCount × 32-byte digests, then SHA-256 of all preceding bytes.
+ */
+export function encodeIndex(index: RestorePointIndex): Buffer {
+  const meta = Buffer.from(JSON.stringify(index.meta), 'utf8');
+  if (index.digests.length !== index.meta.chunkCount * DIGEST_LENGTH) {
+    throw new RepositoryError(`index of ${index.meta.vm}/${index.meta.id}: digest table does not match chunk count`);
+  }
+  const head = Buffer.alloc(INDEX_FIXED_HEADER);
+  INDEX_MAGIC.copy(head, 0);
+  head.writeUInt32LE(INDEX_FORMAT_VERSION, 8);
+  head.writeUInt32LE(meta.length, 12);
+  const body = Buffer.concat([head, meta, index.digests]);
+  return Buffer.concat([body, sha256(body)]);
+}
+
+/** Parse and verify an index file; throws RepositoryError naming `path` and the reason. */
+export function decodeIndex(file: Buffer, path: string): RestorePointIndex {
+  const bad = (reason: string): RepositoryError => new RepositoryError(`bad index ${path}: ${reason}`);
+  if (file.length < INDEX_FIXED_HEADER + DIGEST_LENGTH) throw bad(`file is only ${file.length} bytes`);
+  if (!file.subarray(0, 8).equals(INDEX_MAGIC)) throw bad('bad magic');
+  const body = file.subarray(0, file.length - DIGEST_LENGTH);
+  if (!sha256(body).equals(file.subarray(file.length - DIGEST_LENGTH))) throw bad('checksum mismatch');
+  const version = file.readUInt32LE(8);
+  if (version !== INDEX_FORMAT_VERSION) throw bad(`unsupported index format version ${version}`);
+  const metaLength = file.readUInt32LE(12);
+  if (INDEX_FIXED_HEADER + metaLength > body.length) throw bad('metadata length beyond end of file');
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(file.subarray(INDEX_FIXED_HEADER, INDEX_FIXED_HEADER + metaLength).toString('utf8'));
+  } catch {
+    throw bad('metadata is not valid JSON');
+  }
+  const meta = validateMetadata(parsed, bad);
+  const digests = Buffer.from(body.subarray(INDEX_FIXED_HEADER + metaLength));
+  if (digests.length !== meta.chunkCount * DIGEST_LENGTH) {
+    throw bad(`digest table holds ${digests.length / DIGEST_LENGTH} entries, metadata says ${meta.chunkCount}`);
+  }
+  return { meta, digests };
+}
+
+function validateMetadata(value: unknown, bad: (reason: string) => RepositoryError): IndexMetadata {
+  if (typeof value !== 'object' || value === null) throw bad('metadata is not an object');
+  const m = value as Record<string, unknown>;
+  const str = (k: string): string => {
+    const v = m[k];
+    if (typeof v !== 'string') throw bad(`metadata field "${k}" is not a string`);
+    return v;
+  };
+  const int = (k: string): number => {
+    const v = m[k];
+    if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < 0) throw bad(`metadata field "${k}" is not a non-negative integer`);
+    return v;
+  };
+  const parent = m.parent;
+  if (parent !== null && typeof parent !== 'string') throw bad('metadata field "parent" is neither null nor a string');
+  const meta: IndexMetadata = {
+    vm: str('vm'),
+    id: str('id'),
+    parent,
+    createdAt: str('createdAt'),
+    imageSize: int('imageSize'),
+    chunkSize: int('chunkSize'),
+    chunkCount: int('chunkCount'),
+    source: str('source'),
+  };
+  if (meta.chunkSize < 4096 || meta.chunkSize > MAX_CHUNK_SIZE) throw bad(`chunk size ${meta.chunkSize} out of range`);
+  if (meta.chunkCount !== chunkCountFor(meta.imageSize, meta.chunkSize)) {
+    throw bad(`chunk count ${meta.chunkCount} does not fit image size ${meta.imageSize} / chunk size ${meta.chunkSize}`);
+  }
+  return meta;
+}

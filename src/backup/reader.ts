@@ -1,0 +1,156 @@
+/**
+ * Read access to restore points. Opens files read-only and never writes to the repository:
+ * several readers may run beside a backup, prune or gc.
+ */
+import { promises as fsp } from 'node:fs';
+import { CorruptChunkError, RepositoryError } from './errors.js';
+import { DIGEST_LENGTH, decodeChunk, isZeroDigest, type RestorePointIndex } from './format.js';
+import { Repository, errnoCode } from './repository.js';
+import type { RestorePointInfo, RestorePointReader } from './types.js';
+import { countZeroDigests, runBounded } from './writer.js';
+
+/** Read and verify one chunk file (CRC32, inflate, SHA-256): CorruptChunkError on any problem. */
+export async function readChunk(repo: Repository, digest: Buffer, length: number): Promise<Buffer> {
+  const hex = digest.toString('hex');
+  const path = repo.chunkPath(hex);
+  let file: Buffer;
+  try {
+    file = await fsp.readFile(path);
+  } catch (err) {
+    const reason = errnoCode(err) === 'ENOENT' ? 'chunk file is missing' : `cannot read: ${err instanceof Error ? err.message : String(err)}`;
+    throw new CorruptChunkError(hex, reason, path);
+  }
+  return decodeChunk(file, digest, length, path);
+}
+
+export function infoOf(index: RestorePointIndex): RestorePointInfo {
+  return { ...index.meta, zeroChunks: countZeroDigests(index.digests) };
+}
+
+class RepositoryRestorePoint implements RestorePointReader {
+  readonly info: RestorePointInfo;
+  readonly imageSize: number;
+  readonly chunkSize: number;
+  readonly chunkCount: number;
+  private closed = false;
+
+  constructor(
+    private readonly repo: Repository,
+    private readonly index: RestorePointIndex,
+    private readonly readConcurrency: number,
+  ) {
+    this.info = infoOf(index);
+    this.imageSize = index.meta.imageSize;
+    this.chunkSize = index.meta.chunkSize;
+    this.chunkCount = index.meta.chunkCount;
+  }
+
+  chunkDigest(index: number): Buffer | null {
+    this.checkIndex(index);
+    const digest = this.index.digests.subarray(index * DIGEST_LENGTH, (index + 1) * DIGEST_LENGTH);
+    return isZeroDigest(digest) ? null : digest;
+  }
+
+  chunkLength(index: number): number {
+    this.checkIndex(index);
+    return Math.min(this.chunkSize, this.imageSize - index * this.chunkSize);
+  }
+
+  async loadChunk(index: number): Promise<Buffer> {
+    const digest = this.chunkDigest(index);
+    const length = this.chunkLength(index);
+    if (digest === null) return Buffer.alloc(length);
+    return this.loadChunkByDigest(digest, length);
+  }
+
+  async loadChunkByDigest(digest: Buffer, length: number): Promise<Buffer> {
+    if (this.closed) throw new RepositoryError(`restore point ${this.info.vm}/${this.info.id} is closed`);
+    if (digest.length !== DIGEST_LENGTH) throw new RepositoryError(`digest must be ${DIGEST_LENGTH} bytes`);
+    return readChunk(this.repo, digest, length);
+  }
+
+  async read(offset: number, length: number): Promise<Buffer> {
+    if (!Number.isSafeInteger(offset) || !Number.isSafeInteger(length) || offset < 0 || length < 0 || offset + length > this.imageSize) {
+      throw new RangeError(`read of ${length} bytes at ${offset} is outside the image (${this.imageSize} bytes)`);
+    }
+    const out = Buffer.alloc(length);
+    if (length === 0) return out;
+    const first = Math.floor(offset / this.chunkSize);
+    const last = Math.floor((offset + length - 1) / this.chunkSize);
+    await runBounded(last - first + 1, this.readConcurrency, async (k) => {
+      const index = first + k;
+      if (this.chunkDigest(index) === null) return; // zero chunk: `out` is already zero
+      const chunk = await this.loadChunk(index);
+      const chunkStart = index * this.chunkSize;
+      const from = Math.max(offset, chunkStart);
+      const to = Math.min(offset + length, chunkStart + chunk.length);
+      chunk.copy(out, from - offset, from - chunkStart, to - chunkStart);
+    });
+    return out;
+  }
+
+  async close(): Promise<void> {
+    this.closed = true;
+  }
+
+  private checkIndex(index: number): void {
+    if (!Number.isSafeInteger(index) || index < 0 || index >= this.chunkCount) {
+      throw new RangeError(`chunk ${index} out of range (0..${this.chunkCount - 1})`);
+    }
+  }
+}
+
+export interface OpenOptions {
+  /** Chunks loaded at once by read() (default 8). */
+  readonly readConcurrency?: number;
+}
+
+/** Open a restore point ('latest' = newest of the VM). Loads only its index; chunks on demand. */
+export async function openRestorePoint(
+  repoDir: string,
+  vm: string,
+  pointId: string,
+  options: OpenOptions = {},
+): Promise<RestorePointReader> {
+  const repo = await Repository.open(repoDir);
+  const id = await repo.resolvePointId(vm, pointId);
+  const index = await repo.readIndex(vm, id);
+  return new RepositoryRestorePoint(repo, index, options.readConcurrency ?? 8);
+}
+
+export interface BrokenIndex {
+  readonly vm: string;
+  readonly id: string;
+  readonly reason: string;
+}
+
+export interface RestorePointListing {
+  readonly points: RestorePointInfo[];
+  /** Index files that exist but cannot be read or fail their checksum. */
+  readonly broken: BrokenIndex[];
+}
+
+/** Restore points of one VM or all VMs (oldest first per VM), plus unreadable indexes. */
+export async function listRestorePointsDetailed(repoDir: string, vm?: string): Promise<RestorePointListing> {
+  const repo = await Repository.open(repoDir);
+  const vms = vm === undefined ? await repo.listVms() : [vm];
+  const points: RestorePointInfo[] = [];
+  const broken: BrokenIndex[] = [];
+  for (const v of vms) {
+    for (const id of await repo.listPointIds(v)) {
+      try {
+        points.push(infoOf(await repo.readIndex(v, id)));
+      } catch (err) {
+        broken.push({ vm: v, id, reason: err instanceof Error ? err.message : String(err) });
+      }
+    }
+  }
+  return { points, broken };
+}
+
+/** Restore points of one VM or all VMs. Throws RepositoryError if any index is unreadable. */
+export async function listRestorePoints(repoDir: string, vm?: string): Promise<RestorePointInfo[]> {
+  const { points, broken } = await listRestorePointsDetailed(repoDir, vm);
+  if (broken.length > 0) throw new RepositoryError(broken.map((b) => b.reason).join('; '));
+  return points;
+}

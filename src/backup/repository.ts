@@ -1,0 +1,337 @@
+/**
+ * Repository on a local directory: layout, atomic writes, locks and running-writer markers.
+ *
+ *   repo.json                         format marker (version, created)
+ *   chunks/<4 hex>/<64 hex>           chunk files, named by SHA-256 of the uncompressed content
+ *   vms/<vm>/<pointId>.index          one complete index per restore point
+ *   locks/vm-<vm>.lock                exclusive writer lock of one VM (backup, commit, prune)
+ *   locks/gc.lock                     exclusive lock of the garbage collector
+ *   writers/<pid>-<nonce>.json        "writer in progress" markers (start time): gc keeps newer chunks
+ *
+ * Every file is written to a temporary name, fsynced, renamed into place and its directory fsynced.
+ */
+import { randomBytes } from 'node:crypto';
+import { promises as fsp, constants as fsConstants } from 'node:fs';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
+import { RepositoryError } from './errors.js';
+import { decodeIndex, type RestorePointIndex } from './format.js';
+
+export const REPOSITORY_FORMAT = 'bootrestore-repository';
+export const REPOSITORY_FORMAT_VERSION = 1;
+
+const NAME_RE = /^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$/;
+const POINT_ID_RE = /^[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}-[0-9]{2}-[0-9]{2}\.[0-9]{3}Z$/;
+
+/** VM names become directory names: letters, digits, '.', '_', '-' (not starting with '.'). */
+export function checkVmName(vm: string): void {
+  if (!NAME_RE.test(vm)) {
+    throw new RepositoryError(`invalid VM name "${vm}": use letters, digits, ".", "_" and "-" (max 128, not starting with "." or "-")`);
+  }
+}
+
+export function isPointId(id: string): boolean {
+  return POINT_ID_RE.test(id);
+}
+
+/** Restore point ids are UTC timestamps with ':' replaced by '-': they sort by time. */
+export function pointIdFor(date: Date): string {
+  return date.toISOString().replace(/:/g, '-');
+}
+
+export function errnoCode(err: unknown): string | undefined {
+  return typeof err === 'object' && err !== null && 'code' in err ? String((err as { code: unknown }).code) : undefined;
+}
+
+export class Repository {
+  private constructor(readonly dir: string) {}
+
+  /** Open an existing repository; throws RepositoryError naming the path and reason. */
+  static async open(dir: string): Promise<Repository> {
+    const marker = join(dir, 'repo.json');
+    let text: string;
+    try {
+      text = await fsp.readFile(marker, 'utf8');
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT') {
+        throw new RepositoryError(`no repository at ${dir}: ${marker} does not exist`);
+      }
+      throw new RepositoryError(`cannot read ${marker}: ${err instanceof Error ? err.message : String(err)}`);
+    }
+    let parsed: unknown;
+    try {
+      parsed = JSON.parse(text);
+    } catch {
+      throw new RepositoryError(`${marker} is not valid JSON`);
+    }
+    const p = parsed as { format?: unknown; version?: unknown };
+    if (typeof parsed !== 'object' || parsed === null || p.format !== REPOSITORY_FORMAT) {
+      throw new RepositoryError(`${marker} is not a bootrestore repository marker`);
+    }
+    if (p.version !== REPOSITORY_FORMAT_VERSION) {
+      throw new RepositoryError(`${marker}: unsupported repository format version ${String(p.version)}`);
+    }
+    return new Repository(dir);
+  }
+
+  /** Open the repository, creating it if `dir` does not exist or is an empty directory. */
+  static async openOrCreate(dir: string): Promise<{ repo: Repository; created: boolean }> {
+    let entries: string[] | null = null;
+    try {
+      entries = await fsp.readdir(dir);
+    } catch (err) {
+      if (errnoCode(err) !== 'ENOENT') throw new RepositoryError(`cannot read ${dir}: ${err instanceof Error ? err.message : String(err)}`);
+    }
+    if (entries !== null && entries.length > 0) return { repo: await Repository.open(dir), created: false };
+    await fsp.mkdir(dir, { recursive: true });
+    for (const sub of ['chunks', 'vms', 'locks', 'writers']) await fsp.mkdir(join(dir, sub), { recursive: true });
+    const marker = JSON.stringify(
+      { format: REPOSITORY_FORMAT, version: REPOSITORY_FORMAT_VERSION, created: new Date().toISOString() },
+      null,
+      2,
+    );
+    await writeFileAtomic(join(dir, 'repo.json'), Buffer.from(marker + '\n'));
+    await fsyncDir(dir);
+    return { repo: new Repository(dir), created: true };
+  }
+
+  chunkDir(digestHex: string): string {
+    return join(this.dir, 'chunks', digestHex.slice(0, 4));
+  }
+
+  chunkPath(digestHex: string): string {
+    return join(this.dir, 'chunks', digestHex.slice(0, 4), digestHex);
+  }
+
+  vmDir(vm: string): string {
+    checkVmName(vm);
+    return join(this.dir, 'vms', vm);
+  }
+
+  indexPath(vm: string, id: string): string {
+    return join(this.vmDir(vm), `${id}.index`);
+  }
+
+  async listVms(): Promise<string[]> {
+    const dir = join(this.dir, 'vms');
+    try {
+      const entries = await fsp.readdir(dir, { withFileTypes: true });
+      return entries.filter((e) => e.isDirectory() && NAME_RE.test(e.name)).map((e) => e.name).sort();
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT') return [];
+      throw err;
+    }
+  }
+
+  /** Restore point ids of a VM, oldest first. Temporary and foreign files are ignored. */
+  async listPointIds(vm: string): Promise<string[]> {
+    try {
+      const names = await fsp.readdir(this.vmDir(vm));
+      return names
+        .filter((n) => n.endsWith('.index') && isPointId(n.slice(0, -'.index'.length)))
+        .map((n) => n.slice(0, -'.index'.length))
+        .sort();
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT') return [];
+      throw err;
+    }
+  }
+
+  /** Resolve 'latest' or check that the id exists. */
+  async resolvePointId(vm: string, pointId: string): Promise<string> {
+    const ids = await this.listPointIds(vm);
+    if (pointId === 'latest') {
+      const last = ids[ids.length - 1];
+      if (last === undefined) throw new RepositoryError(`VM "${vm}" has no restore points in ${this.dir}`);
+      return last;
+    }
+    if (!ids.includes(pointId)) {
+      throw new RepositoryError(`restore point "${pointId}" of VM "${vm}" does not exist (${this.indexPath(vm, pointId)})`);
+    }
+    return pointId;
+  }
+
+  async readIndex(vm: string, id: string): Promise<RestorePointIndex> {
+    const path = this.indexPath(vm, id);
+    let file: Buffer;
+    try {
+      file = await fsp.readFile(path);
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT') throw new RepositoryError(`restore point "${id}" of VM "${vm}" does not exist (${path})`);
+      throw new RepositoryError(`cannot read index ${path}: ${err instanceof Error ? err.message : String(err)}`);
+    }
+    const index = decodeIndex(file, path);
+    if (index.meta.vm !== vm || index.meta.id !== id) {
+      throw new RepositoryError(`bad index ${path}: it describes ${index.meta.vm}/${index.meta.id}`);
+    }
+    return index;
+  }
+
+  /** Take an exclusive lock (`locks/<name>.lock`); stale locks of dead local processes are broken. */
+  async lock(name: string, command: string): Promise<RepositoryLock> {
+    const dir = join(this.dir, 'locks');
+    await fsp.mkdir(dir, { recursive: true });
+    const path = join(dir, `${name}.lock`);
+    const content = JSON.stringify({ pid: process.pid, host: hostname(), command, since: new Date().toISOString() });
+    for (let attempt = 0; attempt < 5; attempt++) {
+      try {
+        const handle = await fsp.open(path, fsConstants.O_WRONLY | fsConstants.O_CREAT | fsConstants.O_EXCL, 0o644);
+        try {
+          await handle.writeFile(content + '\n');
+          await handle.sync();
+        } finally {
+          await handle.close();
+        }
+        return new RepositoryLock(path);
+      } catch (err) {
+        if (errnoCode(err) !== 'EEXIST') throw err;
+      }
+      const holder = await readLockHolder(path);
+      if (holder === null) continue; // removed meanwhile, or not yet written: retry
+      if (holder.host === hostname() && !isProcessAlive(holder.pid)) {
+        // Stale: move it aside atomically so that only one breaker wins, then retry.
+        const aside = `${path}.stale-${process.pid}-${randomBytes(4).toString('hex')}`;
+        const moved = await fsp.rename(path, aside).then(() => true, () => false);
+        if (moved) {
+          // Another process may have broken the stale lock and taken a fresh one in between:
+          // if what we moved is not the stale holder, put it back and report it.
+          const movedHolder = await readLockHolder(aside);
+          if (movedHolder !== null && movedHolder.pid !== holder.pid && isProcessAlive(movedHolder.pid)) {
+            await fsp.link(aside, path).catch(() => undefined);
+          }
+          await fsp.rm(aside, { force: true });
+        }
+        continue;
+      }
+      throw new RepositoryError(
+        `repository ${this.dir} is locked (${path}): ${holder.command} by pid ${holder.pid} on ${holder.host} since ${holder.since}`,
+      );
+    }
+    throw new RepositoryError(`could not take lock ${path}`);
+  }
+
+  /** Announce a running writer: gc keeps every chunk not older than the oldest announced start. */
+  async registerWriter(command: string): Promise<WriterMarker> {
+    const dir = join(this.dir, 'writers');
+    await fsp.mkdir(dir, { recursive: true });
+    const path = join(dir, `${process.pid}-${randomBytes(6).toString('hex')}.json`);
+    const startedAt = Date.now();
+    const content = JSON.stringify({ pid: process.pid, host: hostname(), command, startedAt });
+    await writeFileAtomic(path, Buffer.from(content + '\n'));
+    await fsyncDir(dir);
+    return new WriterMarker(path, startedAt);
+  }
+
+  /** Start times of live writers; markers of dead local processes are removed. */
+  async liveWriterStarts(): Promise<number[]> {
+    const dir = join(this.dir, 'writers');
+    let names: string[];
+    try {
+      names = await fsp.readdir(dir);
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT') return [];
+      throw err;
+    }
+    const starts: number[] = [];
+    for (const name of names) {
+      if (!name.endsWith('.json')) continue;
+      const path = join(dir, name);
+      let parsed: { pid?: unknown; host?: unknown; startedAt?: unknown };
+      try {
+        parsed = JSON.parse(await fsp.readFile(path, 'utf8')) as typeof parsed;
+      } catch {
+        continue;
+      }
+      if (typeof parsed.pid !== 'number' || typeof parsed.startedAt !== 'number') continue;
+      if (parsed.host === hostname() && !isProcessAlive(parsed.pid)) {
+        await fsp.rm(path, { force: true });
+        continue;
+      }
+      starts.push(parsed.startedAt);
+    }
+    return starts;
+  }
+}
+
+export class RepositoryLock {
+  constructor(readonly path: string) {}
+  async release(): Promise<void> {
+    await fsp.rm(this.path, { force: true });
+  }
+}
+
+export class WriterMarker {
+  constructor(
+    readonly path: string,
+    readonly startedAt: number,
+  ) {}
+  async release(): Promise<void> {
+    await fsp.rm(this.path, { force: true });
+  }
+}
+
+interface LockHolder {
+  pid: number;
+  host: string;
+  command: string;
+  since: string;
+}
+
+async function readLockHolder(path: string): Promise<LockHolder | null> {
+  let text: string;
+  try {
+    text = await fsp.readFile(path, 'utf8');
+  } catch {
+    return null;
+  }
+  try {
+    const v = JSON.parse(text) as Partial<LockHolder>;
+    if (typeof v.pid !== 'number') throw new Error('no pid');
+    return { pid: v.pid, host: String(v.host), command: String(v.command), since: String(v.since) };
+  } catch {
+    // A lock file being written right now is empty for an instant; an unparsable old one is stale.
+    const st = await fsp.stat(path).catch(() => null);
+    if (st === null || Date.now() - st.mtimeMs < 2000) return null;
+    return { pid: 0, host: hostname(), command: 'unknown (unreadable lock file)', since: st.mtime.toISOString() };
+  }
+}
+
+export function isProcessAlive(pid: number): boolean {
+  if (!Number.isSafeInteger(pid) || pid <= 0) return false;
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return errnoCode(err) === 'EPERM';
+  }
+}
+
+/** Write `data` to `path` via a temporary file, fsync and rename (the caller fsyncs the directory). */
+export async function writeFileAtomic(path: string, data: Buffer): Promise<void> {
+  const tmp = `${path}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
+  const handle = await fsp.open(tmp, 'wx', 0o644);
+  try {
+    await handle.writeFile(data);
+    await handle.datasync();
+  } catch (err) {
+    await handle.close().catch(() => undefined);
+    await fsp.rm(tmp, { force: true }).catch(() => undefined);
+    throw err;
+  }
+  await handle.close();
+  try {
+    await fsp.rename(tmp, path);
+  } catch (err) {
+    await fsp.rm(tmp, { force: true }).catch(() => undefined);
+    throw err;
+  }
+}
+
+export async function fsyncDir(dir: string): Promise<void> {
+  const handle = await fsp.open(dir, 'r');
+  try {
+    await handle.sync();
+  } finally {
+    await handle.close();
+  }
+}

@@ -1,0 +1,270 @@
+/**
+ * The process-wide cache of decompressed backup chunks.
+ *
+ * - Keyed by the chunk's SHA-256 (hex), so restore points and VMs that share a chunk share one entry.
+ * - Bounded in bytes (`lru-cache` `maxSize` + `sizeCalculation`); a chunk larger than the whole cache is
+ *   returned to the caller but not kept.
+ * - Single-flight: concurrent misses on one digest wait for one load.
+ * - Loads are bounded (`maxConcurrentLoads`): memory use is at most maxBytes + maxConcurrentLoads × chunk size
+ *   (plus buffers still referenced by callers).
+ * - Never blocks the event loop: loading (read + inflate + verify) is the reader's async work.
+ */
+import { LRUCache } from 'lru-cache';
+import type { Logger } from '../log.js';
+
+/** Loads one verified, decompressed chunk (normally `RestorePointReader.loadChunkByDigest`). */
+export type ChunkLoader = () => Promise<Buffer>;
+
+export interface ChunkCacheOptions {
+  /** Upper bound of cached bytes (decompressed chunk lengths). */
+  readonly maxBytes: number;
+  /** Loads running at once (further misses queue). Default 8. */
+  readonly maxConcurrentLoads?: number;
+  readonly logger: Logger;
+}
+
+/** Cache statistics as a plain object (for `bootrestore mounts`, metrics and tests). */
+export interface ChunkCacheStats {
+  readonly maxBytes: number;
+  readonly bytes: number;
+  readonly entries: number;
+  readonly hits: number;
+  readonly misses: number;
+  /** Misses that joined a load already in flight (single-flight). */
+  readonly joinedLoads: number;
+  /** Loads started (demand + prefetch). */
+  readonly loads: number;
+  readonly loadFailures: number;
+  readonly bytesDecompressed: number;
+  readonly evictions: number;
+  readonly prefetchLoads: number;
+  /** Prefetched entries that were later read. */
+  readonly prefetchHits: number;
+  /** Prefetches skipped because the entry was cached/in flight or loads were saturated. */
+  readonly prefetchSkipped: number;
+  readonly loadsInFlight: number;
+  readonly loadsQueued: number;
+  /** Entries currently cached that were used by two or more distinct mounts (shared chunks). */
+  readonly sharedEntries: number;
+  /** Hits by a mount on an entry first loaded by another mount. */
+  readonly crossMountHits: number;
+  /** Per mount: hits, misses and cross-mount hits. */
+  readonly byMount: Readonly<Record<string, { hits: number; misses: number; crossMountHits: number }>>;
+}
+
+interface CacheEntry {
+  readonly data: Buffer;
+  /** Mount that caused the load. */
+  readonly loadedBy: string;
+  /** Distinct mounts that used this entry (small: a handful of mounts share a chunk). */
+  readonly users: Set<string>;
+  prefetched: boolean;
+}
+
+interface MountCounters {
+  hits: number;
+  misses: number;
+  crossMountHits: number;
+}
+
+export class ChunkCache {
+  readonly maxBytes: number;
+  private readonly lru: LRUCache<string, CacheEntry>;
+  private readonly inFlight = new Map<string, Promise<Buffer>>();
+  private readonly maxConcurrentLoads: number;
+  private runningLoads = 0;
+  private readonly loadQueue: Array<() => void> = [];
+  private readonly logger: Logger;
+  private readonly mountCounters = new Map<string, MountCounters>();
+  private sharedEntryCount = 0;
+  private counters = {
+    hits: 0,
+    misses: 0,
+    joinedLoads: 0,
+    loads: 0,
+    loadFailures: 0,
+    bytesDecompressed: 0,
+    evictions: 0,
+    prefetchLoads: 0,
+    prefetchHits: 0,
+    prefetchSkipped: 0,
+    crossMountHits: 0,
+  };
+
+  constructor(options: ChunkCacheOptions) {
+    if (!(options.maxBytes > 0)) throw new RangeError(`chunk cache size must be > 0 (got ${options.maxBytes})`);
+    this.maxBytes = options.maxBytes;
+    this.maxConcurrentLoads = Math.max(1, options.maxConcurrentLoads ?? 8);
+    this.logger = options.logger;
+    this.lru = new LRUCache<string, CacheEntry>({
+      maxSize: options.maxBytes,
+      maxEntrySize: options.maxBytes,
+      sizeCalculation: (entry) => Math.max(1, entry.data.length),
+      dispose: (entry, _key, reason) => {
+        if (entry.users.size >= 2) this.sharedEntryCount--;
+        if (reason === 'evict') this.counters.evictions++;
+      },
+    });
+  }
+
+  /**
+   * The cached chunk, or undefined. Synchronous: the read path uses it to avoid a promise per hit.
+   * The returned buffer is shared: callers must not modify it.
+   */
+  getCached(key: string, mount: string): Buffer | undefined {
+    const entry = this.lru.get(key);
+    if (entry === undefined) return undefined;
+    this.noteHit(entry, mount);
+    return entry.data;
+  }
+
+  /**
+   * The chunk with this key, loading it once if absent (concurrent callers share the load).
+   * The returned buffer is shared: callers must not modify it.
+   */
+  get(key: string, mount: string, load: ChunkLoader): Promise<Buffer> {
+    const cached = this.getCached(key, mount);
+    if (cached !== undefined) return Promise.resolve(cached);
+    const counters = this.countersFor(mount);
+    counters.misses++;
+    this.counters.misses++;
+    const pending = this.inFlight.get(key);
+    if (pending !== undefined) {
+      this.counters.joinedLoads++;
+      return pending;
+    }
+    return this.startLoad(key, mount, load, false);
+  }
+
+  /**
+   * Start loading a chunk in the background if it is neither cached nor loading and a load slot is
+   * free (prefetch never queues behind demand loads). Returns whether a load was started.
+   */
+  prefetch(key: string, mount: string, load: ChunkLoader): boolean {
+    if (this.lru.has(key) || this.inFlight.has(key) || this.runningLoads >= this.maxConcurrentLoads) {
+      this.counters.prefetchSkipped++;
+      return false;
+    }
+    this.counters.prefetchLoads++;
+    this.startLoad(key, mount, load, true).catch((err: unknown) => {
+      // The demand read of this chunk (if any) reports the error; a failed prefetch only logs.
+      this.logger.debug({ err, chunk: key }, 'prefetch failed');
+    });
+    return true;
+  }
+
+  has(key: string): boolean {
+    return this.lru.has(key);
+  }
+
+  stats(): ChunkCacheStats {
+    const byMount: Record<string, { hits: number; misses: number; crossMountHits: number }> = {};
+    for (const [mount, c] of this.mountCounters) byMount[mount] = { ...c };
+    return {
+      maxBytes: this.maxBytes,
+      bytes: this.lru.calculatedSize,
+      entries: this.lru.size,
+      ...this.counters,
+      loadsInFlight: this.runningLoads,
+      loadsQueued: this.loadQueue.length,
+      sharedEntries: this.sharedEntryCount,
+      byMount,
+    };
+  }
+
+  /** Forget a mount's per-mount counters (called when a mount is removed). */
+  forgetMount(mount: string): void {
+    this.mountCounters.delete(mount);
+  }
+
+  /** Drop every entry (tests, or `bootrestore` on memory pressure). */
+  clear(): void {
+    this.lru.clear();
+  }
+
+  private noteHit(entry: CacheEntry, mount: string): void {
+    this.counters.hits++;
+    const counters = this.countersFor(mount);
+    counters.hits++;
+    if (entry.prefetched) {
+      entry.prefetched = false;
+      this.counters.prefetchHits++;
+    }
+    if (entry.loadedBy !== mount) {
+      counters.crossMountHits++;
+      this.counters.crossMountHits++;
+    }
+    if (!entry.users.has(mount)) {
+      entry.users.add(mount);
+      if (entry.users.size === 2) this.sharedEntryCount++;
+    }
+  }
+
+  private countersFor(mount: string): MountCounters {
+    let c = this.mountCounters.get(mount);
+    if (c === undefined) {
+      c = { hits: 0, misses: 0, crossMountHits: 0 };
+      this.mountCounters.set(mount, c);
+    }
+    return c;
+  }
+
+  private startLoad(key: string, mount: string, load: ChunkLoader, prefetched: boolean): Promise<Buffer> {
+    const promise = this.runLoad(key, mount, load, prefetched);
+    this.inFlight.set(key, promise);
+    // Clean up whichever way the load ends; the caller handles the rejection.
+    promise.then(
+      () => this.inFlight.delete(key),
+      () => this.inFlight.delete(key),
+    );
+    return promise;
+  }
+
+  private async runLoad(key: string, mount: string, load: ChunkLoader, prefetched: boolean): Promise<Buffer> {
+    await this.acquireLoadSlot();
+    this.counters.loads++;
+    try {
+      const data = await load();
+      this.counters.bytesDecompressed += data.length;
+      const entry: CacheEntry = { data, loadedBy: mount, users: new Set([mount]), prefetched };
+      // lru-cache ignores entries larger than maxEntrySize; the caller still gets the data.
+      this.lru.set(key, entry);
+      return data;
+    } catch (err) {
+      this.counters.loadFailures++;
+      throw err;
+    } finally {
+      this.releaseLoadSlot();
+    }
+  }
+
+  private acquireLoadSlot(): Promise<void> | void {
+    if (this.runningLoads < this.maxConcurrentLoads) {
+      this.runningLoads++;
+      return;
+    }
+    return new Promise<void>((resolve) => {
+      this.loadQueue.push(() => {
+        this.runningLoads++;
+        resolve();
+      });
+    });
+  }
+
+  private releaseLoadSlot(): void {
+    this.runningLoads--;
+    const next = this.loadQueue.shift();
+    if (next !== undefined) next();
+  }
+}
+
+let processCache: ChunkCache | undefined;
+
+/**
+ * The one cache of this process (created on first use with these options; later calls return the same
+ * instance and ignore the options). Mounts share it so identical chunks are cached once.
+ */
+export function processChunkCache(options: ChunkCacheOptions): ChunkCache {
+  processCache ??= new ChunkCache(options);
+  return processCache;
+}

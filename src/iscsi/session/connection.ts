@@ -1,0 +1,1150 @@
+/**
+ * One iSCSI connection (RFC 7143 §7.1 connection state machine, reduced to what a target at
+ * ERL 0 needs): login phase, then full feature phase with SCSI commands (immediate data,
+ * unsolicited Data-Out, R2T), Data-In, NOP, Text (SendTargets), Logout, Task Management and
+ * Reject. MaxConnections is 1: losing the connection ends the session (§6.3.4 at ERL 0).
+ */
+import type { Socket } from 'node:net';
+import type { Logger } from '../../log.js';
+import {
+  AhsError,
+  decodeDataOut,
+  decodeLoginRequest,
+  decodeLogoutRequest,
+  decodeNopOut,
+  decodeScsiCommand,
+  decodeTaskManagementRequest,
+  decodeTextRequest,
+  encodeDataInInto,
+  encodeLoginResponse,
+  encodeLogoutResponse,
+  encodeNopIn,
+  encodeReadyToTransfer,
+  encodeReject,
+  encodeScsiResponse,
+  encodeTaskManagementResponse,
+  encodeTextResponse,
+  initiatorTaskTag,
+  isImmediate,
+  opcodeOf,
+  type Pdu,
+  type ScsiCommandFields,
+} from '../pdu/bhs.js';
+import {
+  BHS_LENGTH,
+  LogoutReason,
+  LogoutResponseCode,
+  Opcode,
+  RejectReason,
+  RESERVED_TAG,
+  TaskManagementResponseCode,
+} from '../pdu/opcodes.js';
+import { FramingError, PduReader } from '../pdu/reader.js';
+import { PduWriter } from '../pdu/writer.js';
+import { LoginNegotiation, LoginStatus, type LoginResult, type LoginStatusCode, type LoginTargetInfo } from '../login/login.js';
+import { negotiateKey, type TargetKeyPolicy } from '../login/keys.js';
+import { encodeText, parseText, type TextPair } from '../login/text.js';
+import {
+  ScsiStatus,
+  TaskManagementFunction,
+  type ScsiCommand,
+  type ScsiResult,
+  type ScsiTargetPort,
+  type TaskAttribute,
+} from '../scsi-port.js';
+import { serialDiff } from './command-window.js';
+import type { Session } from './session.js';
+
+/** What a connection needs from the server that owns it. */
+export interface ConnectionHost {
+  readonly policy: TargetKeyPolicy;
+  readonly targetPortalGroupTag: number;
+  readonly nopInIntervalMs: number;
+  readonly nopInTimeoutMs: number;
+  findTarget(iqn: string): (LoginTargetInfo & { readonly port: ScsiTargetPort }) | undefined;
+  /** Create or reinstate the session for a completed login, or refuse it. */
+  attachSession(result: LoginResult, conn: Connection, firstCmdSN: number): Session | LoginStatusCode;
+  /** The connection is gone (its session with it). */
+  connectionClosed(conn: Connection): void;
+  /** SendTargets answer (§13.3, appendix C) for `value` as seen from this connection. */
+  sendTargets(session: Session, value: string, localAddress: string): TextPair[];
+  /** Abort tasks of other connections on the same target (LU / target reset, CLEAR TASK SET). */
+  abortOtherTasks(targetIqn: string, lun: number | undefined, except: Connection): void;
+}
+
+interface OutstandingR2T {
+  readonly offset: number;
+  readonly length: number;
+  received: number;
+  /** DataSN the next Data-Out of this sequence must carry (§11.7.5: 0, 1, 2, … per R2T). */
+  nextDataSN: number;
+}
+
+interface ScsiTask {
+  readonly itt: number;
+  readonly cmdSN: number;
+  readonly immediate: boolean;
+  readonly fields: ScsiCommandFields;
+  /** Bytes of Data-Out expected (EDTL for a write, 0 otherwise). */
+  readonly writeLength: number;
+  /** Immediate data when it alone is the whole Data-Out (kept as a view, no copy). */
+  immediateData: Buffer | undefined;
+  /** Assembly buffer when data arrives in several PDUs. */
+  assembled: Buffer | undefined;
+  received: number;
+  unsolicitedDone: boolean;
+  /** DataSN the next unsolicited Data-Out must carry. */
+  unsolicitedDataSN: number;
+  delivered: boolean;
+  executing: boolean;
+  aborted: boolean;
+  nextR2TOffset: number;
+  r2tSN: number;
+  readonly r2ts: Map<number, OutstandingR2T>;
+  readonly abort: AbortController;
+}
+
+/** Largest Data-Out buffer we assemble for one command (bounded memory per command). */
+const MAX_WRITE_BUFFER = 128 * 1024 * 1024;
+const LOGIN_TIMEOUT_MS = 30_000;
+const LOGIN_MAX_DATA_SEGMENT = 8192; // §13.12: the default before anything is declared
+
+const enum ConnectionState {
+  Login,
+  FullFeature,
+  LoggedOut,
+  Closed,
+}
+
+let connectionCounter = 0;
+
+export class Connection {
+  readonly id = ++connectionCounter;
+  readonly remoteAddress: string;
+  readonly localAddress: string;
+  private readonly reader: PduReader;
+  private readonly writer: PduWriter;
+  private state = ConnectionState.Login;
+  private login: LoginNegotiation | undefined;
+  private statSN = 0;
+  private firstLoginSeen = false;
+  private loginTimer: NodeJS.Timeout | undefined;
+  private nopTimer: NodeJS.Timeout | undefined;
+  private lastReceiveAt = Date.now();
+  private pingSentAt = 0;
+  private nextTargetTransferTag = 1;
+  private readonly tasks = new Map<number, ScsiTask>();
+  /** Text responses too long for one PDU, continued on the initiator's next Text Request. */
+  private readonly textContinuations = new Map<number, { ttt: number; rest: Buffer }>();
+  /** Text requests arriving in several PDUs (C bit), by ITT. */
+  private readonly textParts = new Map<number, Buffer[]>();
+  private inFlight = 0;
+  private idleWaiters: Array<() => void> = [];
+  private draining = false;
+  session: Session | undefined;
+  cid = 0;
+  logger: Logger;
+
+  constructor(
+    private readonly socket: Socket,
+    private readonly host: ConnectionHost,
+    logger: Logger,
+  ) {
+    this.remoteAddress = `${socket.remoteAddress ?? '?'}:${socket.remotePort ?? 0}`;
+    this.localAddress = socket.localAddress ?? '127.0.0.1';
+    this.logger = logger.child({ conn: this.id, remote: this.remoteAddress });
+    this.writer = new PduWriter(socket);
+    this.reader = new PduReader(
+      {
+        onPdu: (pdu) => this.onPdu(pdu),
+        onDataDigestError: (pdu) => this.onDataDigestError(pdu),
+        onFramingError: (err) => this.onFramingError(err),
+      },
+      { headerDigest: false, dataDigest: false, maxDataSegmentLength: LOGIN_MAX_DATA_SEGMENT },
+    );
+    socket.setNoDelay(true);
+    socket.on('data', (chunk: Buffer) => {
+      this.lastReceiveAt = Date.now();
+      this.reader.push(chunk);
+    });
+    socket.on('error', (err) => this.logger.debug({ err }, 'socket error'));
+    socket.on('close', () => this.onClosed());
+    this.loginTimer = setTimeout(() => {
+      this.logger.warn('login not completed in time; closing');
+      this.destroy();
+    }, LOGIN_TIMEOUT_MS);
+    this.loginTimer.unref();
+  }
+
+  get isFullFeature(): boolean {
+    return this.state === ConnectionState.FullFeature;
+  }
+
+  get outstandingTasks(): number {
+    return this.tasks.size;
+  }
+
+  /** Close now, without waiting for anything. */
+  destroy(): void {
+    this.reader.stop();
+    this.socket.destroy();
+  }
+
+  /**
+   * Stop reading new PDUs, let running commands finish (up to `timeoutMs`), then close.
+   * Nothing new is started after this call.
+   */
+  async shutdown(timeoutMs: number): Promise<void> {
+    this.draining = true;
+    this.reader.stop();
+    if (this.inFlight > 0) {
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, timeoutMs);
+        timer.unref();
+        this.idleWaiters.push(() => {
+          clearTimeout(timer);
+          resolve();
+        });
+      });
+    }
+    if (this.state !== ConnectionState.Closed) {
+      await new Promise<void>((resolve) => {
+        this.socket.once('close', () => resolve());
+        this.socket.end();
+        setTimeout(() => this.socket.destroy(), 1000).unref();
+      });
+    }
+  }
+
+  /** Abort (silently, ERL 0) this connection's tasks on `lun` (all LUNs if undefined). */
+  abortTasksFor(lun: number | undefined): number {
+    let n = 0;
+    for (const task of [...this.tasks.values()]) {
+      if (lun === undefined || task.fields.lun === lun) {
+        this.abortTask(task);
+        n++;
+      }
+    }
+    return n;
+  }
+
+  // ---------------------------------------------------------------- receive dispatch
+
+  private onPdu(pdu: Pdu): void {
+    try {
+      if (this.state === ConnectionState.Login) this.onLoginPhasePdu(pdu);
+      else if (this.state === ConnectionState.FullFeature) this.onFullFeaturePdu(pdu);
+      // LoggedOut / Closed: ignore whatever still arrives.
+    } catch (err) {
+      // Never let a malformed PDU take the process down: log, reject, drop the connection.
+      this.logger.error({ err, opcode: opcodeOf(pdu.bhs) }, 'error handling PDU; closing connection');
+      this.sendReject(RejectReason.ProtocolError, pdu.bhs);
+      this.closeAfterFlush();
+    }
+  }
+
+  private onDataDigestError(pdu: Pdu): void {
+    // §7.8: reject with Data Digest Error and discard the PDU.
+    this.logger.warn({ opcode: opcodeOf(pdu.bhs) }, 'data digest error');
+    this.sendReject(RejectReason.DataDigestError, pdu.bhs);
+  }
+
+  private onFramingError(err: FramingError): void {
+    this.logger.warn({ kind: err.kind }, err.message);
+    if (err.kind === 'data-segment-too-long' && this.state === ConnectionState.FullFeature) {
+      this.sendReject(RejectReason.ProtocolError, err.bhs);
+    }
+    this.closeAfterFlush();
+  }
+
+  private onLoginPhasePdu(pdu: Pdu): void {
+    const { bhs } = pdu;
+    if (opcodeOf(bhs) !== Opcode.LoginRequest) {
+      // Only Login Requests are valid before full feature phase (§6.3).
+      this.logger.warn({ opcode: opcodeOf(bhs) }, 'non-login PDU during login');
+      this.sendLoginFailure(bhs, LoginStatus.InvalidDuringLogin);
+      return;
+    }
+    const req = decodeLoginRequest(bhs);
+    if (!this.firstLoginSeen) {
+      this.firstLoginSeen = true;
+      this.statSN = req.expStatSN;
+      this.cid = req.cid;
+      this.login = new LoginNegotiation({
+        findTarget: (iqn) => this.host.findTarget(iqn),
+        targetPortalGroupTag: this.host.targetPortalGroupTag,
+        policy: this.host.policy,
+      });
+      this.logger = this.logger.child({ isid: req.isid });
+    }
+    const login = this.login!;
+    if (this.logger.isLevelEnabled('debug')) {
+      this.logger.debug({ csg: req.csg, nsg: req.nsg, transit: req.transit, keys: pdu.data.toString('latin1').split('\0').filter(Boolean) }, 'login request');
+    }
+    const reply = login.handle(req, pdu.data);
+    let tsih = req.tsih;
+    let status: LoginStatusCode = reply.status;
+    let session: Session | undefined;
+    if (reply.complete) {
+      const attached = this.host.attachSession(reply.complete, this, req.cmdSN);
+      if (Array.isArray(attached)) status = attached as LoginStatusCode;
+      else {
+        session = attached as Session;
+        tsih = session.tsih;
+      }
+    }
+    const failed = reply.failed === true || status[0] !== 0;
+    const response = encodeLoginResponse({
+      transit: failed ? false : reply.transit,
+      continue: false,
+      csg: reply.csg,
+      nsg: failed ? 0 : reply.nsg,
+      versionMax: 0,
+      versionActive: 0,
+      isid: req.isid,
+      tsih: failed ? req.tsih : tsih,
+      itt: req.itt,
+      statSN: this.statSN++,
+      expCmdSN: session ? session.window.expCmdSN : req.cmdSN,
+      maxCmdSN: session ? session.window.maxCmdSN : req.cmdSN,
+      statusClass: status[0],
+      statusDetail: status[1],
+    });
+    this.writer.send(response, failed ? undefined : reply.data);
+    if (failed) {
+      this.logger.info({ statusClass: status[0], statusDetail: status[1] }, 'login refused');
+      this.closeAfterFlush();
+      return;
+    }
+    if (session) this.enterFullFeature(session);
+  }
+
+  private enterFullFeature(session: Session): void {
+    this.session = session;
+    this.state = ConnectionState.FullFeature;
+    this.login = undefined;
+    if (this.loginTimer) clearTimeout(this.loginTimer);
+    const p = session.params;
+    // Digests apply from the first PDU after the final Login Response (§13.1).
+    this.writer.headerDigest = p.headerDigest;
+    this.writer.dataDigest = p.dataDigest;
+    this.reader.limits.headerDigest = p.headerDigest;
+    this.reader.limits.dataDigest = p.dataDigest;
+    this.reader.limits.maxDataSegmentLength = p.targetMaxRecvDataSegmentLength;
+    this.logger.info(
+      {
+        type: session.type,
+        target: session.target?.iqn,
+        headerDigest: p.headerDigest,
+        dataDigest: p.dataDigest,
+        maxRecvDataSegmentLength: p.initiatorMaxRecvDataSegmentLength,
+        maxBurstLength: p.maxBurstLength,
+        firstBurstLength: p.firstBurstLength,
+        immediateData: p.immediateData,
+        initialR2T: p.initialR2T,
+      },
+      'login complete',
+    );
+    this.startNopTimer();
+  }
+
+  private onFullFeaturePdu(pdu: Pdu): void {
+    const { bhs } = pdu;
+    const session = this.session!;
+    const opcode = opcodeOf(bhs);
+    const discovery = session.type === 'Discovery';
+    switch (opcode) {
+      case Opcode.NopOut:
+        this.onNopOut(pdu);
+        return;
+      case Opcode.ScsiCommand:
+        if (discovery) break;
+        this.onScsiCommand(pdu);
+        return;
+      case Opcode.DataOut:
+        if (discovery) break;
+        this.onDataOut(pdu);
+        return;
+      case Opcode.TaskManagementRequest:
+        if (discovery) break;
+        this.inOrder(bhs, () => this.onTaskManagement(pdu.bhs));
+        return;
+      case Opcode.TextRequest:
+        this.onTextRequest(pdu);
+        return;
+      case Opcode.LogoutRequest:
+        this.inOrder(bhs, () => this.onLogout(pdu.bhs));
+        return;
+      case Opcode.Snack:
+        // §11.16: SNACK needs ERL > 0; at ERL 0 it is a protocol error.
+        this.sendReject(RejectReason.ProtocolError, bhs);
+        return;
+      case Opcode.LoginRequest:
+        // A login request on a connection in full feature phase (§6.3).
+        this.sendReject(RejectReason.ProtocolError, bhs);
+        return;
+      default:
+        this.sendReject(RejectReason.CommandNotSupported, bhs);
+        return;
+    }
+    // SCSI / Data-Out / TMF in a discovery session (§13.22).
+    this.sendReject(RejectReason.ProtocolError, bhs);
+  }
+
+  /** Run an immediate request now, a non-immediate one in CmdSN order (§3.2.2.1). */
+  private inOrder(bhs: Buffer, run: () => void): void {
+    if (isImmediate(bhs)) {
+      run();
+      return;
+    }
+    const cmdSN = bhs.readUInt32BE(24);
+    // The BHS is a view into the receive buffer, which is never rewritten: safe to keep.
+    const outcome = this.session!.window.submit(cmdSN, run);
+    if (outcome === 'ignored') this.logger.debug({ cmdSN, opcode: opcodeOf(bhs) }, 'CmdSN outside window: ignored');
+  }
+
+  // ---------------------------------------------------------------- NOP (§11.18, §11.19)
+
+  private onNopOut(pdu: Pdu): void {
+    const f = decodeNopOut(pdu.bhs);
+    if (f.itt === RESERVED_TAG) {
+      // Answer to our NOP-In (TTT echoed) or a no-reply ping: nothing to send.
+      if (f.ttt !== RESERVED_TAG) this.pingSentAt = 0;
+      return;
+    }
+    const data = pdu.data.length > 0 ? Buffer.from(pdu.data) : undefined;
+    this.inOrder(pdu.bhs, () => {
+      const session = this.session!;
+      const reply = encodeNopIn({
+        lun: f.lun === 0xffffffff ? 0 : f.lun,
+        itt: f.itt,
+        ttt: RESERVED_TAG,
+        statSN: this.statSN++,
+        expCmdSN: session.window.expCmdSN,
+        maxCmdSN: session.window.maxCmdSN,
+      });
+      // Ping data is echoed, cut to what the initiator can receive (§11.19).
+      const echo = data?.subarray(0, session.params.initiatorMaxRecvDataSegmentLength);
+      this.writer.send(reply, echo);
+    });
+  }
+
+  private startNopTimer(): void {
+    const interval = this.host.nopInIntervalMs;
+    if (interval <= 0) return;
+    const timeout = this.host.nopInTimeoutMs;
+    const tick = Math.max(50, Math.min(interval, timeout > 0 ? timeout : interval) / 2);
+    this.nopTimer = setInterval(() => this.nopTick(interval, timeout), tick);
+    this.nopTimer.unref();
+  }
+
+  private nopTick(interval: number, timeout: number): void {
+    if (this.state !== ConnectionState.FullFeature || this.draining) return;
+    const now = Date.now();
+    if (this.pingSentAt > 0) {
+      if (this.lastReceiveAt >= this.pingSentAt) this.pingSentAt = 0;
+      else if (timeout > 0 && now - this.pingSentAt >= timeout) {
+        this.logger.warn({ waitedMs: now - this.pingSentAt }, 'NOP-In ping unanswered; dropping connection');
+        this.destroy();
+        return;
+      }
+    }
+    if (this.pingSentAt === 0 && now - this.lastReceiveAt >= interval) {
+      const session = this.session!;
+      // Target-initiated ping (§11.19): ITT reserved, a TTT for the answer, StatSN not advanced.
+      this.pingSentAt = now;
+      this.writer.send(
+        encodeNopIn({
+          lun: 0,
+          itt: RESERVED_TAG,
+          ttt: this.newTargetTransferTag(),
+          statSN: this.statSN,
+          expCmdSN: session.window.expCmdSN,
+          maxCmdSN: session.window.maxCmdSN,
+        }),
+      );
+    }
+  }
+
+  private newTargetTransferTag(): number {
+    const ttt = this.nextTargetTransferTag;
+    this.nextTargetTransferTag = (this.nextTargetTransferTag + 1) >>> 0;
+    if (this.nextTargetTransferTag === RESERVED_TAG) this.nextTargetTransferTag = 1;
+    return ttt;
+  }
+
+  // ---------------------------------------------------------------- SCSI commands (§11.3)
+
+  private onScsiCommand(pdu: Pdu): void {
+    const session = this.session!;
+    const params = session.params;
+    let fields: ScsiCommandFields;
+    try {
+      fields = decodeScsiCommand(pdu);
+    } catch (err) {
+      if (err instanceof AhsError) {
+        this.logger.warn({ err: err.message }, 'malformed AHS');
+        this.sendReject(RejectReason.InvalidPduField, pdu.bhs);
+        return;
+      }
+      throw err;
+    }
+    const immediateLength = pdu.data.length;
+    const writeLength = fields.write ? fields.expectedDataLength : 0;
+    let reason: RejectReason | undefined;
+    if (fields.itt === RESERVED_TAG) reason = RejectReason.InvalidPduField;
+    else if (this.tasks.has(fields.itt)) reason = RejectReason.TaskInProgress;
+    else if (immediateLength > 0 && !fields.write) reason = RejectReason.ProtocolError;
+    else if (immediateLength > 0 && !params.immediateData) reason = RejectReason.ProtocolError; // §13.11
+    else if (immediateLength > writeLength || immediateLength > params.firstBurstLength) reason = RejectReason.ProtocolError;
+    else if (!fields.final && (!fields.write || params.initialR2T)) reason = RejectReason.ProtocolError; // §13.10
+    if (reason !== undefined) {
+      this.logger.warn({ itt: fields.itt, reason }, 'SCSI Command rejected');
+      this.sendReject(reason, pdu.bhs);
+      return;
+    }
+    const task: ScsiTask = {
+      itt: fields.itt,
+      cmdSN: fields.cmdSN,
+      immediate: fields.immediate,
+      fields,
+      writeLength,
+      immediateData: undefined,
+      assembled: undefined,
+      received: 0,
+      unsolicitedDone: fields.final,
+      unsolicitedDataSN: 0,
+      delivered: false,
+      executing: false,
+      aborted: false,
+      nextR2TOffset: 0,
+      r2tSN: 0,
+      r2ts: new Map(),
+      abort: new AbortController(),
+    };
+    if (immediateLength > 0) {
+      if (immediateLength === writeLength) task.immediateData = pdu.data;
+      else if (!this.placeData(task, 0, pdu.data)) return;
+      task.received = immediateLength;
+    }
+    this.tasks.set(task.itt, task);
+    if (fields.immediate) this.deliverTask(task);
+    else {
+      const outcome = session.window.submit(fields.cmdSN, () => this.deliverTask(task));
+      if (outcome === 'ignored') {
+        // Outside the window or a duplicate: silently ignored (§3.2.2.1).
+        this.tasks.delete(task.itt);
+        this.logger.debug({ cmdSN: fields.cmdSN, expCmdSN: session.window.expCmdSN }, 'CmdSN outside window: ignored');
+      }
+    }
+  }
+
+  /** Copy data into the task's assembly buffer. false (and a response sent) when it cannot. */
+  private placeData(task: ScsiTask, offset: number, data: Buffer): boolean {
+    if (!task.assembled) {
+      if (task.writeLength > MAX_WRITE_BUFFER) {
+        this.tasks.delete(task.itt);
+        task.aborted = true;
+        this.sendCheckCondition(task, INVALID_FIELD_IN_CDB);
+        return false;
+      }
+      task.assembled = Buffer.allocUnsafe(task.writeLength);
+    }
+    data.copy(task.assembled, offset);
+    return true;
+  }
+
+  private deliverTask(task: ScsiTask): void {
+    task.delivered = true;
+    if (task.aborted || this.draining) return;
+    this.advanceWrite(task);
+  }
+
+  /** Issue R2Ts for data still missing, or execute once everything is here (§11.8). */
+  private advanceWrite(task: ScsiTask): void {
+    if (!task.delivered || task.executing || task.aborted) return;
+    if (task.received >= task.writeLength) {
+      if (task.r2ts.size === 0) this.execute(task);
+      return;
+    }
+    if (!task.unsolicitedDone) return; // unsolicited Data-Out still coming (F bit not seen)
+    const session = this.session!;
+    const p = session.params;
+    if (task.nextR2TOffset < task.received && task.r2ts.size === 0) task.nextR2TOffset = task.received;
+    this.writer.burst(() => {
+      while (task.r2ts.size < p.maxOutstandingR2T && task.nextR2TOffset < task.writeLength) {
+        const offset = task.nextR2TOffset;
+        const length = Math.min(p.maxBurstLength, task.writeLength - offset);
+        const ttt = this.newTargetTransferTag();
+        task.r2ts.set(ttt, { offset, length, received: 0, nextDataSN: 0 });
+        task.nextR2TOffset += length;
+        this.writer.send(
+          encodeReadyToTransfer({
+            lun: task.fields.lun,
+            itt: task.itt,
+            ttt,
+            statSN: this.statSN,
+            expCmdSN: session.window.expCmdSN,
+            maxCmdSN: session.window.maxCmdSN,
+            r2tSN: task.r2tSN++,
+            bufferOffset: offset,
+            desiredLength: length,
+          }),
+        );
+      }
+    });
+  }
+
+  private onDataOut(pdu: Pdu): void {
+    const f = decodeDataOut(pdu.bhs);
+    const task = this.tasks.get(f.itt);
+    if (!task) {
+      // Data for a task that was aborted or never accepted: discard (§4.2.3.3 stragglers).
+      this.logger.debug({ itt: f.itt }, 'Data-Out for unknown task discarded');
+      return;
+    }
+    const len = pdu.data.length;
+    const end = f.bufferOffset + len;
+    if (end > task.writeLength) {
+      this.sendReject(RejectReason.ProtocolError, pdu.bhs);
+      return;
+    }
+    if (f.ttt === RESERVED_TAG) {
+      // Unsolicited data (§13.10, §13.14): only with InitialR2T=No, within FirstBurstLength.
+      const p = this.session!.params;
+      if (p.initialR2T || task.unsolicitedDone || end > p.firstBurstLength) {
+        this.sendReject(RejectReason.ProtocolError, pdu.bhs);
+        return;
+      }
+      if (f.dataSN !== task.unsolicitedDataSN) {
+        this.dataSequenceError(task, task.unsolicitedDataSN, f.dataSN);
+        return;
+      }
+      task.unsolicitedDataSN++;
+      if (len > 0 && !this.placeData(task, f.bufferOffset, pdu.data)) return;
+      task.received += len;
+      if (f.final) task.unsolicitedDone = true;
+      if (task.unsolicitedDone || task.received >= task.writeLength) this.advanceWrite(task);
+      return;
+    }
+    const r2t = task.r2ts.get(f.ttt);
+    if (!r2t || f.bufferOffset < r2t.offset || end > r2t.offset + r2t.length) {
+      this.sendReject(RejectReason.InvalidPduField, pdu.bhs);
+      return;
+    }
+    if (f.dataSN !== r2t.nextDataSN) {
+      this.dataSequenceError(task, r2t.nextDataSN, f.dataSN);
+      return;
+    }
+    r2t.nextDataSN++;
+    if (len > 0 && !this.placeData(task, f.bufferOffset, pdu.data)) return;
+    r2t.received += len;
+    task.received += len;
+    if (r2t.received >= r2t.length || f.final) {
+      task.r2ts.delete(f.ttt);
+      this.advanceWrite(task);
+    }
+  }
+
+  /**
+   * A Data-Out with the wrong DataSN (lost, repeated or reordered PDU, §11.7.5). ERL 0 cannot
+   * recover it by SNACK (§7.1.4.1): the task ends with CHECK CONDITION, ABORTED COMMAND /
+   * DATA PHASE ERROR (SPC-4: 0B/4B/00); later Data-Out for it is discarded. The connection stays.
+   */
+  private dataSequenceError(task: ScsiTask, expected: number, got: number): void {
+    this.logger.warn({ itt: task.itt, expectedDataSN: expected, dataSN: got }, 'Data-Out DataSN out of sequence; task terminated');
+    this.abortTask(task);
+    this.sendCheckCondition(task, DATA_PHASE_ERROR);
+  }
+
+  private execute(task: ScsiTask): void {
+    const session = this.session!;
+    const target = session.target!;
+    task.executing = true;
+    const f = task.fields;
+    let dataOut: Buffer | undefined;
+    if (task.writeLength > 0) dataOut = task.immediateData ?? task.assembled;
+    const cmd: ScsiCommand = {
+      nexus: session.nexus,
+      lun: f.lun,
+      cdb: f.cdb,
+      taskAttribute: f.taskAttribute as TaskAttribute,
+      expectedDataLength: f.expectedDataLength,
+      ...(dataOut ? { dataOut } : {}),
+      signal: task.abort.signal,
+    };
+    this.inFlight++;
+    let running: Promise<ScsiResult>;
+    try {
+      running = target.port.execute(cmd);
+    } catch (err) {
+      running = Promise.reject(err);
+    }
+    running
+      .then(
+        (result) => this.complete(task, result),
+        (err: unknown) => {
+          this.logger.error({ err, itt: task.itt }, 'SCSI layer failed a command');
+          this.complete(task, undefined);
+        },
+      )
+      .catch((err: unknown) => {
+        this.logger.error({ err, itt: task.itt }, 'error sending a command response; closing');
+        this.destroy();
+      })
+      .finally(() => {
+        if (--this.inFlight === 0) {
+          const waiters = this.idleWaiters;
+          this.idleWaiters = [];
+          for (const w of waiters) w();
+        }
+      });
+  }
+
+  /** Send Data-In and status for a finished command (§11.4, §11.7). */
+  private complete(task: ScsiTask, result: ScsiResult | undefined): void {
+    if (this.tasks.get(task.itt) === task) this.tasks.delete(task.itt);
+    if (task.aborted || this.state !== ConnectionState.FullFeature || this.writer.closed) return;
+    const session = this.session!;
+    const f = task.fields;
+    if (!result) {
+      // The SCSI layer broke its contract: report a target failure (§11.4.3 Response 0x01).
+      this.writer.send(
+        encodeScsiResponse({
+          response: 0x01,
+          status: 0,
+          itt: task.itt,
+          statSN: this.statSN++,
+          expCmdSN: session.window.expCmdSN,
+          maxCmdSN: session.window.maxCmdSN,
+          expDataSN: 0,
+          overflow: false,
+          underflow: false,
+          residualCount: 0,
+        }),
+      );
+      return;
+    }
+    const edtl = f.expectedDataLength;
+    const produced = result.dataIn?.length ?? 0;
+    // §11.4.5: residuals compare what the command moves with what the initiator expected.
+    let expected: number;
+    let actual: number;
+    let bidiExpected = 0;
+    const bidi = f.read && f.write;
+    if (f.write) {
+      expected = edtl;
+      actual = result.dataOutLength ?? 0;
+      if (bidi) bidiExpected = f.bidiReadLength ?? 0;
+    } else if (f.read) {
+      expected = edtl;
+      actual = produced;
+    } else if (produced > 0) {
+      expected = 0;
+      actual = produced;
+    } else {
+      expected = edtl;
+      actual = 0;
+    }
+    const readCapacity = bidi ? bidiExpected : f.read ? edtl : 0;
+    const sendLength = Math.min(produced, readCapacity);
+    const overflow = actual > expected;
+    const underflow = actual < expected;
+    const residualCount = overflow ? actual - expected : expected - actual;
+    const bidiOverflow = bidi && produced > bidiExpected;
+    const bidiUnderflow = bidi && produced < bidiExpected;
+    const bidiResidual = bidiOverflow ? produced - bidiExpected : bidiUnderflow ? bidiExpected - produced : 0;
+
+    const collapse =
+      sendLength > 0 && !result.sense && !bidi && (result.status === ScsiStatus.Good || result.status === ScsiStatus.ConditionMet);
+    this.writer.burst(() => {
+      let dataSN = 0;
+      if (sendLength > 0) {
+        dataSN = this.sendDataIn(task, result.dataIn!, sendLength, collapse, result.status, overflow, underflow, residualCount);
+      }
+      if (collapse) return;
+      let senseSegment: Buffer | undefined;
+      if (result.sense && result.sense.length > 0) {
+        // §11.4.7: SenseLength (2 bytes) followed by the sense data.
+        senseSegment = Buffer.allocUnsafe(2 + result.sense.length);
+        senseSegment.writeUInt16BE(result.sense.length, 0);
+        result.sense.copy(senseSegment, 2);
+      }
+      this.writer.send(
+        encodeScsiResponse({
+          response: 0x00,
+          status: result.status,
+          itt: task.itt,
+          statSN: this.statSN++,
+          expCmdSN: session.window.expCmdSN,
+          maxCmdSN: session.window.maxCmdSN,
+          expDataSN: dataSN + task.r2tSN,
+          overflow,
+          underflow,
+          residualCount,
+          bidiOverflow,
+          bidiUnderflow,
+          bidiReadResidualCount: bidiResidual,
+        }),
+        senseSegment,
+      );
+    });
+  }
+
+  /**
+   * Data-In PDUs of at most the initiator's MaxRecvDataSegmentLength, F at the end of every
+   * MaxBurstLength sequence (§11.7.1), status in the last one when collapsed (S bit).
+   * Payload slices of the SCSI layer's buffer go to the socket as they are. Returns the PDU count.
+   */
+  private sendDataIn(
+    task: ScsiTask,
+    data: Buffer,
+    length: number,
+    collapse: boolean,
+    status: number,
+    overflow: boolean,
+    underflow: boolean,
+    residualCount: number,
+  ): number {
+    const session = this.session!;
+    const p = session.params;
+    const segment = Math.max(512, p.initiatorMaxRecvDataSegmentLength);
+    const burst = Math.max(segment, p.maxBurstLength);
+    // One allocation for all headers of this response.
+    let pduCount = 0;
+    for (let off = 0, used = 0; off < length; pduCount++) {
+      const n = Math.min(segment, length - off, burst - used);
+      off += n;
+      used = used + n === burst ? 0 : used + n;
+    }
+    const headers = Buffer.allocUnsafe(pduCount * BHS_LENGTH);
+    let offset = 0;
+    let usedInBurst = 0;
+    for (let i = 0; i < pduCount; i++) {
+      const n = Math.min(segment, length - offset, burst - usedInBurst);
+      const last = offset + n === length;
+      usedInBurst += n;
+      const endOfSequence = last || usedInBurst === burst;
+      if (usedInBurst === burst) usedInBurst = 0;
+      const bhs = headers.subarray(i * BHS_LENGTH, (i + 1) * BHS_LENGTH);
+      const withStatus = last && collapse;
+      encodeDataInInto(bhs, {
+        final: endOfSequence,
+        hasStatus: withStatus,
+        status,
+        lun: task.fields.lun,
+        itt: task.itt,
+        statSN: withStatus ? this.statSN++ : 0,
+        expCmdSN: session.window.expCmdSN,
+        maxCmdSN: session.window.maxCmdSN,
+        dataSN: i,
+        bufferOffset: offset,
+        overflow,
+        underflow,
+        residualCount,
+      });
+      this.writer.send(bhs, data.subarray(offset, offset + n));
+      offset += n;
+    }
+    return pduCount;
+  }
+
+  private sendCheckCondition(task: ScsiTask, sense: Buffer): void {
+    const session = this.session!;
+    const segment = Buffer.allocUnsafe(2 + sense.length);
+    segment.writeUInt16BE(sense.length, 0);
+    sense.copy(segment, 2);
+    this.writer.send(
+      encodeScsiResponse({
+        response: 0,
+        status: ScsiStatus.CheckCondition,
+        itt: task.itt,
+        statSN: this.statSN++,
+        expCmdSN: session.window.expCmdSN,
+        maxCmdSN: session.window.maxCmdSN,
+        expDataSN: 0,
+        // The command moved no data: all of the expected length is residual (§11.4.5).
+        overflow: false,
+        underflow: task.fields.expectedDataLength > 0,
+        residualCount: task.fields.expectedDataLength,
+      }),
+      segment,
+    );
+  }
+
+  private abortTask(task: ScsiTask): void {
+    task.aborted = true;
+    task.abort.abort();
+    if (this.tasks.get(task.itt) === task) this.tasks.delete(task.itt);
+    if (!task.delivered && !task.immediate) this.session?.window.cancelHeld(task.cmdSN);
+  }
+
+  // ---------------------------------------------------------------- Task management (§11.5)
+
+  private onTaskManagement(bhs: Buffer): void {
+    const session = this.session!;
+    const target = session.target!;
+    const f = decodeTaskManagementRequest(bhs);
+    let response: TaskManagementResponseCode;
+    const lunPresent = (): boolean => target.port.lunNumbers().includes(f.lun);
+    switch (f.function) {
+      case TaskManagementFunction.AbortTask: {
+        const task = this.tasks.get(f.referencedTaskTag);
+        if (task && task.fields.lun === f.lun) {
+          this.abortTask(task);
+          response = TaskManagementResponseCode.FunctionComplete;
+        } else if (
+          !task &&
+          session.window.inWindow(f.refCmdSN) &&
+          serialDiff(f.refCmdSN, f.cmdSN) < 0 &&
+          serialDiff(f.refCmdSN, session.window.expCmdSN) >= 0
+        ) {
+          // §11.5.1 b: a command never received: consider its CmdSN received.
+          session.window.markReceived(f.refCmdSN);
+          response = TaskManagementResponseCode.FunctionComplete;
+        } else {
+          // Already completed (or never existed): "task does not exist" (§11.5.1 c).
+          response = TaskManagementResponseCode.TaskDoesNotExist;
+        }
+        break;
+      }
+      case TaskManagementFunction.AbortTaskSet:
+        if (!lunPresent()) response = TaskManagementResponseCode.LunDoesNotExist;
+        else {
+          this.abortTasksFor(f.lun);
+          response = TaskManagementResponseCode.FunctionComplete;
+        }
+        break;
+      case TaskManagementFunction.ClearTaskSet:
+        if (!lunPresent()) response = TaskManagementResponseCode.LunDoesNotExist;
+        else {
+          this.abortTasksFor(f.lun);
+          this.host.abortOtherTasks(target.iqn, f.lun, this);
+          response = TaskManagementResponseCode.FunctionComplete;
+        }
+        break;
+      case TaskManagementFunction.LogicalUnitReset:
+        if (!lunPresent()) response = TaskManagementResponseCode.LunDoesNotExist;
+        else {
+          this.abortTasksFor(f.lun);
+          this.host.abortOtherTasks(target.iqn, f.lun, this);
+          target.port.reset('lun', f.lun, session.nexus);
+          response = TaskManagementResponseCode.FunctionComplete;
+        }
+        break;
+      case TaskManagementFunction.TargetWarmReset:
+        this.abortTasksFor(undefined);
+        this.host.abortOtherTasks(target.iqn, undefined, this);
+        target.port.reset('target', undefined, session.nexus);
+        response = TaskManagementResponseCode.FunctionComplete;
+        break;
+      case TaskManagementFunction.TaskReassign:
+        // §11.5.1: allegiance reassignment needs ERL 2.
+        response = TaskManagementResponseCode.TaskAllegianceReassignmentNotSupported;
+        break;
+      default:
+        response = TaskManagementResponseCode.FunctionNotSupported;
+    }
+    this.logger.info({ function: f.function, lun: f.lun, rtt: f.referencedTaskTag, response }, 'task management');
+    this.writer.send(
+      encodeTaskManagementResponse({
+        response,
+        itt: f.itt,
+        statSN: this.statSN++,
+        expCmdSN: session.window.expCmdSN,
+        maxCmdSN: session.window.maxCmdSN,
+      }),
+    );
+  }
+
+  // ---------------------------------------------------------------- Text (§11.10, §11.11)
+
+  private onTextRequest(pdu: Pdu): void {
+    const f = decodeTextRequest(pdu.bhs);
+    if (f.itt === RESERVED_TAG) {
+      this.sendReject(RejectReason.InvalidPduField, pdu.bhs);
+      return;
+    }
+    const data = Buffer.from(pdu.data);
+    this.inOrder(pdu.bhs, () => this.answerText(f.itt, f.ttt, f.continue, data, pdu.bhs));
+  }
+
+  private answerText(itt: number, ttt: number, continued: boolean, data: Buffer, bhs: Buffer): void {
+    const session = this.session!;
+    const pending = this.textContinuations.get(itt);
+    if (ttt !== RESERVED_TAG) {
+      // The initiator asks for the next part of a long response (§11.10.4).
+      if (!pending || pending.ttt !== ttt) {
+        this.sendReject(RejectReason.InvalidPduField, bhs);
+        return;
+      }
+      this.textContinuations.delete(itt);
+      this.sendTextResponse(itt, pending.rest);
+      return;
+    }
+    if (continued) {
+      const parts = this.textParts.get(itt) ?? [];
+      parts.push(data);
+      this.textParts.set(itt, parts);
+      this.sendTextPart(itt, Buffer.alloc(0), true, this.newTargetTransferTag());
+      return;
+    }
+    const parts = this.textParts.get(itt);
+    this.textParts.delete(itt);
+    const text = parts ? Buffer.concat([...parts, data]) : data;
+    const parsed = parseText(text);
+    if (!parsed.ok) {
+      this.logger.warn({ reason: parsed.reason }, 'malformed text request');
+      this.sendReject(RejectReason.ProtocolError, bhs);
+      return;
+    }
+    const replies: TextPair[] = [];
+    for (const { key, value } of parsed.pairs) {
+      if (key === 'SendTargets') {
+        replies.push(...this.host.sendTargets(session, value, this.localAddress));
+      } else if (key === 'MaxRecvDataSegmentLength') {
+        // Declarative and allowed in full feature phase (§13.12): takes effect now.
+        const outcome = negotiateKey(key, value, { policy: this.host.policy, discovery: false, params: session.params });
+        replies.push({ key, value: outcome.reply ?? String(session.params.targetMaxRecvDataSegmentLength) });
+      } else if (key.startsWith('X-') || key.startsWith('X#')) {
+        replies.push({ key, value: 'NotUnderstood' });
+      } else {
+        const probe = negotiateKey(key, value, { policy: this.host.policy, discovery: false, params: { ...session.params } });
+        // Known keys other than the above are leading-only / initialize-only: not renegotiable here.
+        replies.push({ key, value: probe.reply === 'NotUnderstood' ? 'NotUnderstood' : 'Reject' });
+      }
+    }
+    this.sendTextResponse(itt, encodeText(replies));
+  }
+
+  private sendTextResponse(itt: number, body: Buffer): void {
+    const max = this.session!.params.initiatorMaxRecvDataSegmentLength;
+    if (body.length <= max) {
+      this.sendTextPart(itt, body, false, RESERVED_TAG);
+      return;
+    }
+    const ttt = this.newTargetTransferTag();
+    this.textContinuations.set(itt, { ttt, rest: body.subarray(max) });
+    this.sendTextPart(itt, body.subarray(0, max), true, ttt);
+  }
+
+  private sendTextPart(itt: number, body: Buffer, more: boolean, ttt: number): void {
+    const session = this.session!;
+    this.writer.send(
+      encodeTextResponse({
+        final: !more,
+        continue: more,
+        lun: 0,
+        itt,
+        ttt,
+        statSN: this.statSN++,
+        expCmdSN: session.window.expCmdSN,
+        maxCmdSN: session.window.maxCmdSN,
+      }),
+      body,
+    );
+  }
+
+  // ---------------------------------------------------------------- Logout (§11.14, §11.15)
+
+  private onLogout(bhs: Buffer): void {
+    const session = this.session!;
+    const f = decodeLogoutRequest(bhs);
+    let response = LogoutResponseCode.Success;
+    if (f.reason === LogoutReason.RemoveConnectionForRecovery) response = LogoutResponseCode.RecoveryNotSupported;
+    else if (f.reason === LogoutReason.CloseConnection && f.cid !== this.cid) response = LogoutResponseCode.CidNotFound;
+    else if (f.reason !== LogoutReason.CloseSession && f.reason !== LogoutReason.CloseConnection) {
+      this.sendReject(RejectReason.InvalidPduField, bhs);
+      return;
+    }
+    const closing = response === LogoutResponseCode.Success;
+    if (closing) {
+      this.abortTasksFor(undefined);
+      this.state = ConnectionState.LoggedOut;
+    }
+    this.writer.send(
+      encodeLogoutResponse({
+        response,
+        itt: f.itt,
+        statSN: this.statSN++,
+        expCmdSN: session.window.expCmdSN,
+        maxCmdSN: session.window.maxCmdSN,
+        // ERL 0: nothing is retained, reconnect after Time2Wait (§11.15.2-3).
+        time2Wait: closing ? session.params.defaultTime2Wait : 0,
+        time2Retain: 0,
+      }),
+    );
+    this.logger.info({ reason: f.reason, response }, 'logout');
+    if (closing) this.closeAfterFlush();
+  }
+
+  // ---------------------------------------------------------------- Reject, login failure, close
+
+  private sendReject(reason: RejectReason, rejectedBhs: Buffer): void {
+    const session = this.session;
+    const header = encodeReject({
+      reason,
+      statSN: this.statSN++,
+      expCmdSN: session ? session.window.expCmdSN : 0,
+      maxCmdSN: session ? session.window.maxCmdSN : 0,
+      dataSNOrR2TSN: 0,
+    });
+    // §11.17: the data segment is the complete header of the rejected PDU.
+    this.writer.send(header, Buffer.from(rejectedBhs.subarray(0, BHS_LENGTH)));
+  }
+
+  private sendLoginFailure(bhs: Buffer, status: LoginStatusCode): void {
+    this.writer.send(
+      encodeLoginResponse({
+        transit: false,
+        continue: false,
+        csg: 0,
+        nsg: 0,
+        versionMax: 0,
+        versionActive: 0,
+        isid: '000000000000',
+        tsih: 0,
+        itt: initiatorTaskTag(bhs),
+        statSN: this.statSN++,
+        expCmdSN: 0,
+        maxCmdSN: 0,
+        statusClass: status[0],
+        statusDetail: status[1],
+      }),
+    );
+    this.closeAfterFlush();
+  }
+
+  private closeAfterFlush(): void {
+    this.reader.stop();
+    if (this.state !== ConnectionState.Closed) this.state = ConnectionState.LoggedOut;
+    this.socket.end();
+    setTimeout(() => this.socket.destroy(), 2000).unref();
+  }
+
+  private onClosed(): void {
+    if (this.state === ConnectionState.Closed) return;
+    this.state = ConnectionState.Closed;
+    this.reader.stop();
+    if (this.loginTimer) clearTimeout(this.loginTimer);
+    if (this.nopTimer) clearInterval(this.nopTimer);
+    for (const task of this.tasks.values()) {
+      task.aborted = true;
+      task.abort.abort();
+    }
+    this.tasks.clear();
+    this.textContinuations.clear();
+    this.textParts.clear();
+    this.logger.debug('connection closed');
+    this.host.connectionClosed(this);
+  }
+}
+
+/** Fixed-format sense data (SPC-4 4.5.3) for the two conditions the transport itself detects. */
+function fixedSense(key: number, asc: number, ascq: number): Buffer {
+  return Buffer.from([0x70, 0, key, 0, 0, 0, 0, 10, 0, 0, 0, 0, asc, ascq, 0, 0, 0, 0]);
+}
+/** ILLEGAL REQUEST / INVALID FIELD IN CDB (05/24/00): a write larger than we buffer. */
+const INVALID_FIELD_IN_CDB = fixedSense(0x05, 0x24, 0x00);
+/** ABORTED COMMAND / DATA PHASE ERROR (0B/4B/00): Data-Out out of sequence. */
+const DATA_PHASE_ERROR = fixedSense(0x0b, 0x4b, 0x00);
