@@ -1,0 +1,124 @@
+/**
+ * The shared chunk cache seen through real clients:
+ *  - two LUNs mounted from restore points (of two VMs) that share most chunks: after both are read
+ *    in full, the cache holds each shared chunk once (entries = distinct digests, loads = entries);
+ *  - memory stays bounded: with a cache of N bytes, a full sequential read of a larger LUN keeps the
+ *    server's peak RSS (VmHWM) below N + 150 MiB.
+ */
+import { readFile, writeFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runChecked } from '../helpers/exec.js';
+import { startServerProcess, type ServerProcess } from '../helpers/server.js';
+import { makeTempDir, type TempDir } from '../helpers/tmp.js';
+import { backupImage, chunkDigests, pseudoRandom, writeTestImage } from '../helpers/repo.js';
+import { ControlClient } from '../../src/cli/control-client.js';
+import type { ChunkCacheStats } from '../../src/cache/chunk-cache.js';
+import type { MountInfo } from '../../src/mounts/manager.js';
+
+const MiB = 1 << 20;
+const CHUNK = 256 * 1024;
+let dir: TempDir;
+let server: ServerProcess | undefined;
+
+beforeAll(async () => {
+  dir = await makeTempDir('mount-cache');
+});
+
+afterAll(async () => {
+  await server?.stop();
+  await dir?.remove();
+});
+
+async function control(deltaDir: string): Promise<ControlClient> {
+  const state = JSON.parse(await readFile(join(deltaDir, 'server.json'), 'utf8')) as { control: string };
+  return new ControlClient(state.control);
+}
+
+async function readAll(url: string, out: string): Promise<void> {
+  await runChecked('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', url, out], { timeoutMs: 300_000 });
+}
+
+describe('shared chunk cache', () => {
+  it('two mounts sharing most chunks: each shared chunk is cached and loaded once', async () => {
+    const repo = join(dir.path, 'repo');
+    const deltaDir = join(dir.path, 'deltas-shared');
+    const a = join(dir.path, 'a.img');
+    const b = join(dir.path, 'b.img');
+    await writeTestImage(a, 48 * MiB, 11);
+    // b = a with a few scattered chunks changed (a clone of the same VM template that drifted).
+    const content = await readFile(a);
+    for (const off of [3 * MiB, 17 * MiB + 5 * CHUNK, 40 * MiB + CHUNK]) pseudoRandom(CHUNK, off).copy(content, off);
+    await writeFile(b, content);
+    const pa = await backupImage(a, repo, 'vm-a', ['--chunk-size', String(CHUNK)]);
+    const pb = await backupImage(b, repo, 'vm-b', ['--chunk-size', String(CHUNK)]);
+    const da = await chunkDigests(a, CHUNK);
+    const db = await chunkDigests(b, CHUNK);
+    const distinct = new Set([...da, ...db]);
+    const shared = [...da].filter((d) => db.has(d)).length;
+    expect(shared).toBeGreaterThan(10);
+    expect(distinct.size).toBeLessThan(da.size + db.size);
+
+    server = await startServerProcess({
+      repository: repo,
+      deltaDir,
+      cache: { maxBytes: '256MiB' },
+      targets: [
+        { iqn: 'iqn.2026-12.io.bootrestore.test:shared-a', luns: [{ lun: 0, backup: { vm: 'vm-a', point: pa } }] },
+        { iqn: 'iqn.2026-12.io.bootrestore.test:shared-b', luns: [{ lun: 0, backup: { vm: 'vm-b', point: pb } }] },
+      ],
+    });
+    await readAll(server.url(0, 'iqn.2026-12.io.bootrestore.test:shared-a'), join(dir.path, 'ra.img'));
+    await readAll(server.url(0, 'iqn.2026-12.io.bootrestore.test:shared-b'), join(dir.path, 'rb.img'));
+    expect((await readFile(join(dir.path, 'ra.img'))).equals(await readFile(a))).toBe(true);
+    expect((await readFile(join(dir.path, 'rb.img'))).equals(content)).toBe(true);
+
+    const ctl = await control(deltaDir);
+    const stats = await ctl.request<ChunkCacheStats>('GET', '/v1/mounts/cache');
+    const mounts = await ctl.request<MountInfo[]>('GET', '/v1/mounts');
+    console.info(
+      `shared cache: ${stats.entries} entries (${distinct.size} distinct non-zero chunks, ${shared} shared), loads ${stats.loads}, ` +
+        `shared entries ${stats.sharedEntries}, cross-mount hits ${stats.crossMountHits}, bytes ${stats.bytes}`,
+    );
+    expect(stats.entries).toBe(distinct.size);
+    expect(stats.bytes).toBe(distinct.size * CHUNK);
+    expect(stats.loads).toBe(distinct.size);
+    expect(stats.sharedEntries).toBe(shared);
+    expect(stats.crossMountHits).toBeGreaterThanOrEqual(shared);
+    expect(mounts.map((m) => m.vm).sort()).toEqual(['vm-a', 'vm-b']);
+    const metrics = await ctl.request<string>('GET', '/metrics');
+    expect(metrics).toMatch(/bootrestore_cache_shared_entries \d+/);
+    expect(metrics).toContain('bootrestore_lun_reads_total{mount=');
+    await server.stop();
+    server = undefined;
+  });
+
+  it('RSS stays below cache size + 150 MiB during a full sequential read of a larger LUN', async () => {
+    const repo = join(dir.path, 'repo-rss');
+    const deltaDir = join(dir.path, 'deltas-rss');
+    const image = join(dir.path, 'big.img');
+    const SIZE = 320 * MiB;
+    const CACHE = 32 * MiB;
+    await writeTestImage(image, SIZE, 23);
+    const point = await backupImage(image, repo, 'big');
+    server = await startServerProcess({
+      repository: repo,
+      deltaDir,
+      cache: { maxBytes: CACHE },
+      targets: [{ iqn: 'iqn.2026-12.io.bootrestore.test:rss', luns: [{ lun: 0, backup: { vm: 'big', point } }] }],
+    });
+    const out = join(dir.path, 'big-read.img');
+    await readAll(server.url(0), out);
+    expect((await readFile(out)).equals(await readFile(image))).toBe(true);
+    const status = await readFile(`/proc/${server.child.pid}/status`, 'utf8');
+    const hwmKiB = Number(/VmHWM:\s+(\d+) kB/.exec(status)?.[1]);
+    const stats = await (await control(deltaDir)).request<ChunkCacheStats>('GET', '/v1/mounts/cache');
+    console.info(`RSS peak ${(hwmKiB / 1024).toFixed(1)} MiB after reading ${SIZE / MiB} MiB through a ${CACHE / MiB} MiB cache (cache now ${(stats.bytes / MiB).toFixed(1)} MiB, ${stats.evictions} evictions)`);
+    expect(Number.isFinite(hwmKiB)).toBe(true);
+    expect(stats.bytes).toBeLessThanOrEqual(CACHE);
+    expect(stats.evictions).toBeGreaterThan(0);
+    expect(hwmKiB * 1024).toBeLessThan(CACHE + 150 * MiB);
+    await server.stop();
+    server = undefined;
+  });
+});
