@@ -60,7 +60,7 @@ export class ControlServer {
     const method = req.method ?? 'GET';
     if (method === 'GET' && url.pathname === '/metrics') {
       res.writeHead(200, { 'content-type': 'text/plain; version=0.0.4' });
-      res.end(this.mounts ? this.mounts.prometheus() : '');
+      res.end((this.mounts ? this.mounts.prometheus() : '') + processMetrics());
       return;
     }
     if (method === 'GET' && url.pathname === '/v1/status') return send(res, 200, this.status());
@@ -139,4 +139,18 @@ function checkMountRequest(body: unknown): MountRequest {
     ...(b.readOnly !== undefined ? { readOnly: b.readOnly as boolean } : {}),
     ...(initiators ? { initiators: initiators as string[] } : {}),
   };
+}
+
+/** Process memory in Prometheus text format (the RSS bound of a mount is cache size + overhead). */
+function processMetrics(): string {
+  const m = process.memoryUsage();
+  const lines: string[] = [];
+  const gauge = (name: string, help: string, value: number): void => {
+    lines.push(`# HELP ${name} ${help}`, `# TYPE ${name} gauge`, `${name} ${value}`);
+  };
+  gauge('process_resident_memory_bytes', 'Resident set size.', m.rss);
+  gauge('nodejs_heap_used_bytes', 'V8 heap in use.', m.heapUsed);
+  gauge('nodejs_external_memory_bytes', 'Memory of Buffers and other objects outside the V8 heap.', m.external);
+  gauge('nodejs_array_buffers_bytes', 'Memory of ArrayBuffers (Buffers included).', m.arrayBuffers);
+  return lines.join('\n') + '\n';
 }
