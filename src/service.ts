@@ -15,6 +15,7 @@ interface RunningTarget {
   readonly iqn: string;
   readonly alias?: string;
   readonly initiators?: readonly string[];
+  readonly chap?: TargetConfig['chap'];
   readonly scsi: ScsiTarget;
   readonly devices: Map<number, BlockDevice>;
   /** Created for a mount (removed when its last LUN goes), not declared in the config. */
@@ -55,7 +56,7 @@ export class BootrestoreService implements LunHost {
   async start(): Promise<void> {
     try {
       for (const target of this.config.targets) {
-        const running = this.createTarget(target.iqn, false, target.alias, target.initiators);
+        const running = this.createTarget(target.iqn, false, target.alias, target.initiators, target.chap);
         for (const lun of target.luns) {
           if (lun.kind === 'file') {
             const device = await openFileLun(target, lun);
@@ -154,7 +155,7 @@ export class BootrestoreService implements LunHost {
     if (this.config.deltaDir && this.controlUrl) await rm(join(this.config.deltaDir, STATE_FILE), { force: true });
   }
 
-  private createTarget(iqn: string, dynamic: boolean, alias?: string, initiators?: readonly string[]): RunningTarget {
+  private createTarget(iqn: string, dynamic: boolean, alias?: string, initiators?: readonly string[], chap?: TargetConfig['chap']): RunningTarget {
     const running: RunningTarget = {
       iqn,
       scsi: new ScsiTarget({ logger: this.logger.child({ target: iqn }) }),
@@ -162,6 +163,7 @@ export class BootrestoreService implements LunHost {
       dynamic,
       ...(alias ? { alias } : {}),
       ...(initiators ? { initiators } : {}),
+      ...(chap ? { chap } : {}),
     };
     this.targets.set(iqn, running);
     return running;
@@ -181,6 +183,9 @@ function targetDefinition(t: RunningTarget): import('./iscsi/server.js').TargetD
     port: t.scsi,
     ...(t.alias ? { alias: t.alias } : {}),
     ...(t.initiators ? { allowedInitiators: t.initiators } : {}),
+    ...(t.chap
+      ? { chap: { initiator: { username: t.chap.username, secret: t.chap.secret }, ...(t.chap.mutual ? { target: t.chap.mutual } : {}) } }
+      : {}),
   };
 }
 

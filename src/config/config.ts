@@ -29,12 +29,21 @@ export interface BackupLunConfig {
 
 export type LunConfig = FileLunConfig | BackupLunConfig;
 
+export interface ChapConfig {
+  /** What initiators must present (CHAP_N / secret). */
+  readonly username: string;
+  readonly secret: string;
+  /** Mutual CHAP: the target's own name and secret, answered when the initiator challenges. */
+  readonly mutual?: { readonly username: string; readonly secret: string };
+}
+
 export interface TargetConfig {
   readonly iqn: string;
   readonly alias?: string;
   readonly luns: readonly LunConfig[];
   /** Allowed initiator IQNs; absent = any initiator. */
   readonly initiators?: readonly string[];
+  readonly chap?: ChapConfig;
 }
 
 export interface Portal {
@@ -214,13 +223,29 @@ export function validateConfig(raw: unknown, file: string, baseDir: string): Ser
 
   const targets = c.array(top.targets, 'targets').map((tv, ti): TargetConfig => {
     const tk = join('targets', ti);
-    const t = c.object(tv, tk, ['iqn', 'alias', 'luns', 'initiators']);
+    const t = c.object(tv, tk, ['iqn', 'alias', 'luns', 'initiators', 'chap']);
     const iqn = c.iscsiName(t.iqn, join(tk, 'iqn'));
     const alias = t.alias === undefined ? undefined : c.string(t.alias, join(tk, 'alias'));
     const initiators =
       t.initiators === undefined
         ? undefined
         : c.array(t.initiators, join(tk, 'initiators')).map((v, i) => c.iscsiName(v, join(join(tk, 'initiators'), i)));
+    let chap: ChapConfig | undefined;
+    if (t.chap !== undefined) {
+      const ck = join(tk, 'chap');
+      const credentials = (v: Json | undefined, key: string): { username: string; secret: string } => {
+        const o = c.object(v, key, key === ck ? ['username', 'secret', 'mutual'] : ['username', 'secret']);
+        const secret = c.string(o.secret, join(key, 'secret'));
+        // RFC 7143 §12.1.3: secrets should be at least 96 bits; common initiators cap them at 16 bytes.
+        if (secret.length < 12 || secret.length > 16) c.fail(join(key, 'secret'), 'must be 12 to 16 characters (RFC 7143 §12.1.3; initiators cap at 16)');
+        return { username: c.string(o.username, join(key, 'username')), secret };
+      };
+      const own = credentials(t.chap, ck);
+      const mutualValue = (t.chap as JsonObject).mutual;
+      const mutual = mutualValue === undefined ? undefined : credentials(mutualValue, join(ck, 'mutual'));
+      if (mutual && mutual.secret === own.secret) c.fail(join(join(ck, 'mutual'), 'secret'), 'must differ from the initiator secret (RFC 7143 §12.1.3)');
+      chap = { ...own, ...(mutual ? { mutual } : {}) };
+    }
     const seen = new Set<number>();
     const luns = c.array(t.luns, join(tk, 'luns')).map((lv, li): LunConfig => {
       const lk = join(join(tk, 'luns'), li);
@@ -246,7 +271,7 @@ export function validateConfig(raw: unknown, file: string, baseDir: string): Ser
       if (!readOnly && deltaDir === undefined) c.fail(bk, 'a writable backup LUN needs the top-level "deltaDir" key');
       return { kind: 'backup', lun, vm, point, readOnly, ...(mount ? { mount } : {}) };
     });
-    return { iqn, luns, ...(alias ? { alias } : {}), ...(initiators ? { initiators } : {}) };
+    return { iqn, luns, ...(alias ? { alias } : {}), ...(initiators ? { initiators } : {}), ...(chap ? { chap } : {}) };
   });
   const iqns = new Set<string>();
   targets.forEach((t, i) => {

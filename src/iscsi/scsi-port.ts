@@ -90,7 +90,8 @@ export interface ScsiTargetPort {
   lunNumbers(): number[];
   /**
    * A logical unit reset (LUN given) or target reset (lun undefined) happened: clear reservations
-   * held per SPC-4 rules, establish unit attentions 29/xx for every other nexus. The transport
+   * held per SPC-4 rules, establish unit attentions 29/xx for every nexus (SAM-5; libiscsi
+   * MultipathIO.Reset checks every path, the resetting one included). The transport
    * itself aborts the affected tasks before calling this.
    */
   reset(kind: 'lun' | 'target', lun: number | undefined, from: Nexus): void;

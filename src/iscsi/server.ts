@@ -9,6 +9,7 @@ import type { ScsiTargetPort } from './scsi-port.js';
 import { DEFAULT_TARGET_POLICY, type TargetKeyPolicy } from './login/keys.js';
 import { LoginStatus, type LoginResult, type LoginStatusCode } from './login/login.js';
 import type { TextPair } from './login/text.js';
+import type { TargetChapConfig } from './login/chap.js';
 import { Connection, type ConnectionHost } from './session/connection.js';
 import { Session } from './session/session.js';
 
@@ -17,6 +18,8 @@ export interface TargetDefinition {
   alias?: string;
   /** Initiator names allowed to log in; undefined admits everyone. */
   allowedInitiators?: readonly string[];
+  /** Require CHAP (optionally mutual) for normal sessions to this target. */
+  chap?: TargetChapConfig;
   port: ScsiTargetPort;
 }
 

@@ -134,7 +134,10 @@ const BOOLEAN_KEYS: Readonly<Record<string, BooleanRule>> = {
   RDMAExtensions: { kind: 'and', ours: () => false },
 };
 
-/** Keys that make no sense in a discovery session (§13.22: only Text/Login/Logout happen there). */
+/**
+ * Keys whose definition says "Irrelevant when: SessionType=Discovery" (§13.2, §13.10, §13.11,
+ * §13.13, §13.14, §13.17-13.19). DefaultTime2Wait/Retain stay relevant.
+ */
 const IRRELEVANT_IN_DISCOVERY = new Set([
   'MaxConnections',
   'InitialR2T',
@@ -144,8 +147,6 @@ const IRRELEVANT_IN_DISCOVERY = new Set([
   'MaxOutstandingR2T',
   'DataPDUInOrder',
   'DataSequenceInOrder',
-  'DefaultTime2Wait',
-  'DefaultTime2Retain',
 ]);
 
 /** Keys only the target declares: an initiator sending them is out of order. */

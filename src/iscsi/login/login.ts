@@ -15,6 +15,7 @@ import {
   type TargetKeyPolicy,
 } from './keys.js';
 import { encodeText, parseText, type TextPair } from './text.js';
+import { ChapAuthenticator, type TargetChapConfig } from './chap.js';
 
 /** Login status class / detail (§11.13.5). */
 export const LoginStatus = {
@@ -42,6 +43,8 @@ export interface LoginTargetInfo {
   readonly iqn: string;
   readonly alias?: string | undefined;
   readonly allowedInitiators?: readonly string[] | undefined;
+  /** When set, normal sessions must authenticate with CHAP (§12.1.3). */
+  readonly chap?: TargetChapConfig | undefined;
 }
 
 /** What the login needs from the server around it. */
@@ -100,6 +103,8 @@ export class LoginNegotiation {
   private pendingText: Buffer[] = [];
   private sentTargetDeclarations = false;
   private sentOwnMaxRecv = false;
+  /** Set when CHAP was chosen; authentication is complete once it reports `finished`. */
+  private chap: ChapAuthenticator | undefined;
 
   constructor(private readonly env: LoginEnvironment) {
     this.policy = env.policy ?? DEFAULT_TARGET_POLICY;
@@ -108,6 +113,13 @@ export class LoginNegotiation {
 
   get parameters(): Readonly<SessionParameters> {
     return this.params;
+  }
+
+  /** Why the last login failed, for the log (never sent to the initiator). */
+  failureReason = '';
+
+  private chapRequired(): boolean {
+    return this.sessionType === 'Normal' && this.target?.chap !== undefined;
   }
 
   /** Process one Login Request and produce the Login Response. Never throws on bad input. */
@@ -184,15 +196,17 @@ export class LoginNegotiation {
             replies.push({ key, value: KeyReply.Irrelevant });
             continue;
           }
-          // §12.1: list negotiation; this target authenticates with None only.
+          // §12.1: list negotiation; CHAP when the target requires it, else None.
           const offers = value.split(',');
-          const choice = offers.includes('None') ? 'None' : KeyReply.Reject;
+          const wanted = this.chapRequired() ? 'CHAP' : 'None';
+          const choice = offers.includes(wanted) ? wanted : KeyReply.Reject;
           replies.push({ key, value: choice });
           if (choice === KeyReply.Reject) return { ...fail(LoginStatus.AuthenticationFailure), data: encodeText(replies) };
+          if (choice === 'CHAP' && !this.chap) this.chap = new ChapAuthenticator(this.target!.chap!);
           continue;
         }
         default: {
-          if (key.startsWith('CHAP_')) return fail(LoginStatus.AuthenticationFailure);
+          if (key.startsWith('CHAP_')) continue; // handled below, all CHAP keys of this PDU together
           if (key.startsWith('X-') || key.startsWith('X#')) {
             replies.push({ key, value: KeyReply.NotUnderstood });
             continue;
@@ -201,6 +215,22 @@ export class LoginNegotiation {
           if (key === 'FirstBurstLength') firstBurstReplyIndex = replies.length;
           if (outcome.reply !== undefined) replies.push({ key, value: outcome.reply });
         }
+      }
+    }
+    const chapKeys = new Map([...offered].filter(([k]) => k.startsWith('CHAP_')));
+    if (chapKeys.size > 0) {
+      if (!this.chap || req.csg !== LoginStage.Security) return fail(LoginStatus.InitiatorError);
+      if (this.chap.step(chapKeys, replies) === 'failed') {
+        this.failureReason = this.chap.failure;
+        return fail(LoginStatus.AuthenticationFailure);
+      }
+    }
+    // The security stage cannot end before a required authentication has succeeded.
+    const authenticated = !this.chapRequired() || this.chap?.finished === true;
+    if (!authenticated && (req.csg !== LoginStage.Security || (req.transit && req.nsg !== LoginStage.Security))) {
+      if (!this.chap || req.csg !== LoginStage.Security) {
+        this.failureReason = 'authentication required';
+        return fail(LoginStatus.AuthenticationFailure);
       }
     }
     // §13.14: FirstBurstLength is irrelevant with InitialR2T=Yes and ImmediateData=No.
@@ -225,7 +255,8 @@ export class LoginNegotiation {
     }
 
     const body = encodeText(replies);
-    if (!req.transit) {
+    // While CHAP is still running the target holds the initiator in the security stage (T=0, §6.3).
+    if (!req.transit || !authenticated) {
       return { transit: false, continue: false, csg: req.csg, nsg: 0, status: LoginStatus.Success, data: body };
     }
     if (req.nsg === LoginStage.FullFeature) {

@@ -1,8 +1,8 @@
 /**
  * PDU output (RFC 7143 §11.1): BHS [+AHS] [+header digest] [+data +pad] [+data digest].
- * Every PDU is written as a handful of socket.write calls inside one cork/uncork, which Node
- * turns into a single writev. Payload buffers (e.g. the SCSI layer's read data) are written as
- * slices, never copied. A burst of PDUs (a whole Data-In sequence) shares one cork.
+ * Every PDU is written as a handful of socket.write calls while the socket is corked; the cork is
+ * released once per event-loop turn, so Node sends everything of that turn in one writev.
+ * Payload buffers (e.g. the SCSI layer's read data) are written as slices, never copied.
  */
 import { crc32cUpdate, writeDigest } from './crc32c.js';
 import { padLength, setDataSegmentLength } from './bhs.js';
@@ -22,7 +22,7 @@ const ZERO_PAD = Buffer.alloc(4);
 export class PduWriter {
   headerDigest = false;
   dataDigest = false;
-  private corkDepth = 0;
+  private flushScheduled = false;
   /** Bytes handed to the socket (for statistics). */
   bytesWritten = 0;
 
@@ -32,15 +32,27 @@ export class PduWriter {
     return this.sink.destroyed || this.sink.writableEnded === true;
   }
 
-  /** Run `fn` with the socket corked: every PDU it sends goes out in one writev. */
+  /**
+   * Run `fn` with the socket corked. The cork is released once per event-loop turn
+   * (setImmediate), so every PDU sent in this turn — all responses of commands that completed
+   * together — leaves in a single writev.
+   */
   burst(fn: () => void): void {
-    if (this.corkDepth++ === 0) this.sink.cork();
-    try {
-      fn();
-    } finally {
-      if (--this.corkDepth === 0) this.sink.uncork();
-    }
+    this.cork();
+    fn();
   }
+
+  private cork(): void {
+    if (this.flushScheduled) return;
+    this.flushScheduled = true;
+    this.sink.cork();
+    setImmediate(this.flush);
+  }
+
+  private readonly flush = (): void => {
+    this.flushScheduled = false;
+    this.sink.uncork();
+  };
 
   /**
    * Send one PDU. `bhs` is a 48-byte BHS (its TotalAHSLength and DataSegmentLength are set here);
@@ -53,33 +65,32 @@ export class PduWriter {
     for (const p of parts) dataLength += p.length;
     bhs[4] = ahs ? ahs.length >>> 2 : 0;
     setDataSegmentLength(bhs, dataLength);
-    this.burst(() => {
-      if (this.headerDigest) {
-        // BHS and digest in one buffer when there is no AHS (the common case).
-        let crc = crc32cUpdate(0xffffffff, bhs, 0, BHS_LENGTH);
-        if (ahs) crc = crc32cUpdate(crc, ahs);
-        const digest = Buffer.allocUnsafe(4);
-        writeDigest(digest, 0, ~crc >>> 0);
-        this.write(bhs);
-        if (ahs) this.write(ahs);
-        this.write(digest);
-      } else {
-        this.write(bhs);
-        if (ahs) this.write(ahs);
-      }
-      if (dataLength === 0) return;
-      for (const p of parts) if (p.length > 0) this.write(p);
-      const pad = padLength(dataLength);
-      if (pad > 0) this.write(ZERO_PAD.subarray(0, pad));
-      if (this.dataDigest) {
-        let crc = 0xffffffff;
-        for (const p of parts) crc = crc32cUpdate(crc, p);
-        if (pad > 0) crc = crc32cUpdate(crc, ZERO_PAD, 0, pad);
-        const digest = Buffer.allocUnsafe(4);
-        writeDigest(digest, 0, ~crc >>> 0);
-        this.write(digest);
-      }
-    });
+    this.cork();
+    if (this.headerDigest) {
+      // Header digest over BHS and AHS (§11.2.3).
+      let crc = crc32cUpdate(0xffffffff, bhs, 0, BHS_LENGTH);
+      if (ahs) crc = crc32cUpdate(crc, ahs);
+      const digest = Buffer.allocUnsafe(4);
+      writeDigest(digest, 0, ~crc >>> 0);
+      this.write(bhs);
+      if (ahs) this.write(ahs);
+      this.write(digest);
+    } else {
+      this.write(bhs);
+      if (ahs) this.write(ahs);
+    }
+    if (dataLength === 0) return;
+    for (const p of parts) if (p.length > 0) this.write(p);
+    const pad = padLength(dataLength);
+    if (pad > 0) this.write(ZERO_PAD.subarray(0, pad));
+    if (this.dataDigest) {
+      let crc = 0xffffffff;
+      for (const p of parts) crc = crc32cUpdate(crc, p);
+      if (pad > 0) crc = crc32cUpdate(crc, ZERO_PAD, 0, pad);
+      const digest = Buffer.allocUnsafe(4);
+      writeDigest(digest, 0, ~crc >>> 0);
+      this.write(digest);
+    }
   }
 
   private write(buf: Buffer): void {

@@ -11,6 +11,7 @@ import {
   reportSupportedOperationCodes,
   type CommandSpec,
 } from './command-table.js';
+import { extendedCopy, receiveCopyResults } from './extended-copy.js';
 import type { CommandContext } from './logical-unit.js';
 import { readUInt64 } from './outcome.js';
 import { ReservationAccess, persistentReserveIn, persistentReserveOut } from './persistent-reservations.js';
@@ -193,6 +194,29 @@ const specs: CommandSpec[] = [
     reservationAccess: Always,
     handler: reportSupportedOperationCodes,
   },
+
+  {
+    name: 'EXTENDED COPY(LID1)',
+    opcode: 0x83,
+    serviceAction: 0x00,
+    direction: DataDirection.Out,
+    usage: [0x83, 0x1f, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0],
+    flags: 0,
+    reservationAccess: Always, // source and destination access are checked per CSCD
+    handler: extendedCopy,
+  },
+  ...[0x00, 0x03].map(
+    (sa): CommandSpec => ({
+      name: sa === 0 ? 'RECEIVE COPY RESULTS/COPY STATUS(LID1)' : 'RECEIVE COPY RESULTS/OPERATING PARAMETERS',
+      opcode: 0x84,
+      serviceAction: sa,
+      direction: DataDirection.In,
+      usage: [0x84, 0x1f, 0xff, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff, 0, 0],
+      flags: 0,
+      reservationAccess: Always,
+      handler: receiveCopyResults,
+    }),
+  ),
 
   // ---- SBC-3 block commands ----
   {

@@ -10,6 +10,7 @@ import { PersistentReservations } from './persistent-reservations.js';
 import { LbaRangeLock } from './range-lock.js';
 import { SenseReason } from './sense.js';
 import type { CommandTable } from './command-table.js';
+import type { CopyResult } from './extended-copy.js';
 
 /**
  * Largest READ/WRITE transfer we accept in one command (VPD B0 MAXIMUM TRANSFER LENGTH): 32 MiB.
@@ -37,12 +38,33 @@ export class LogicalUnit {
   readonly preventingNexuses = new Set<string>();
   /** Largest transfer in blocks for READ/WRITE/VERIFY (VPD B0 MAXIMUM TRANSFER LENGTH). */
   readonly maxTransferBlocks: number;
+  private running = 0;
+  private idleWaiters: Array<() => void> = [];
 
   constructor(
     readonly lun: number,
     readonly device: BlockDevice,
   ) {
     this.maxTransferBlocks = Math.max(1, Math.floor(MAX_TRANSFER_BYTES / device.blockSize));
+  }
+
+  commandStarted(): void {
+    this.running++;
+  }
+
+  commandFinished(): void {
+    this.running--;
+    if (this.running === 0 && this.idleWaiters.length > 0) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const wake of waiters) wake();
+    }
+  }
+
+  /** Resolves once no command is running on this logical unit. */
+  idle(): Promise<void> {
+    if (this.running === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
   }
 
   /** DATA PROTECT reason for writes, or undefined when writes are allowed. */
@@ -60,11 +82,15 @@ export interface NexusState {
   readonly itNexusId: string;
   /** Pending unit attentions per LUN, oldest first (SAM-5 5.14). */
   readonly unitAttentions: Map<number, SenseReason[]>;
+  /** EXTENDED COPY results held for RECEIVE COPY RESULTS, by list identifier (SPC-4 6.18.3). */
+  readonly copyResults: Map<number, CopyResult>;
 }
 
 /** What handlers may ask of the target as a whole. */
 export interface TargetServices {
   lunNumbers(): number[];
+  /** Every logical unit of the target (EXTENDED COPY resolves CSCD descriptors among them). */
+  logicalUnits(): Iterable<LogicalUnit>;
   readonly commands: CommandTable;
   /** Queue a unit attention on `lun` for every nexus `which` selects. */
   establishUnitAttention(lun: number, reason: SenseReason, which: (state: NexusState) => boolean): void;

@@ -100,6 +100,7 @@ export async function verify(
   if (!byteCheck) {
     // Medium verification: read the range in bounded pieces; a storage error becomes MEDIUM ERROR.
     for (let at = lba; at < lba + blocks; at += lu.maxTransferBlocks) {
+      if (ctx.cmd.signal?.aborted === true) return fail(SenseReason.TaskAborted);
       await device.read(at, Math.min(lu.maxTransferBlocks, lba + blocks - at));
     }
     return GOOD;
@@ -204,6 +205,7 @@ export async function writeSame(ctx: CommandContext, lba: number, requestedBlock
     const batchBlocks = Math.max(1, Math.floor(WRITE_SAME_BATCH_BYTES / blockSize));
     const pattern = Buffer.allocUnsafe(Math.min(batchBlocks, blocks) * blockSize).fill(block);
     for (let at = lba; at < lba + blocks; at += batchBlocks) {
+      if (ctx.cmd.signal?.aborted === true) return withLength(fail(SenseReason.TaskAborted));
       const n = Math.min(batchBlocks, lba + blocks - at);
       await device.write(at, n * blockSize === pattern.length ? pattern : pattern.subarray(0, n * blockSize), { fua });
     }

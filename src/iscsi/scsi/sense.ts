@@ -33,6 +33,11 @@ export const enum SenseReason {
   ReservationsPreempted,
   ReservationsReleased,
   RegistrationsPreempted,
+  TooManyTargetDescriptors,
+  UnsupportedTargetDescriptorType,
+  TooManySegmentDescriptors,
+  UnsupportedSegmentDescriptorType,
+  CopyTargetDeviceNotReachable,
   /** Status RESERVATION CONFLICT, no sense data (SAM-5 5.3.1). */
   ReservationConflict,
   /** Status TASK ABORTED, no sense data. */
@@ -63,6 +68,7 @@ export const enum SenseKey {
   IllegalRequest = 0x5,
   UnitAttention = 0x6,
   DataProtect = 0x7,
+  CopyAborted = 0xa,
   AbortedCommand = 0xb,
   Miscompare = 0xe,
 }
@@ -94,6 +100,11 @@ const SENSE_CODES: readonly SenseCode[] = [
   /* ReservationsPreempted */ check(SenseKey.UnitAttention, 0x2a, 0x03),
   /* ReservationsReleased */ check(SenseKey.UnitAttention, 0x2a, 0x04),
   /* RegistrationsPreempted */ check(SenseKey.UnitAttention, 0x2a, 0x05),
+  /* TooManyTargetDescriptors */ check(SenseKey.IllegalRequest, 0x26, 0x06),
+  /* UnsupportedTargetDescriptorType */ check(SenseKey.IllegalRequest, 0x26, 0x07),
+  /* TooManySegmentDescriptors */ check(SenseKey.IllegalRequest, 0x26, 0x08),
+  /* UnsupportedSegmentDescriptorType */ check(SenseKey.IllegalRequest, 0x26, 0x09),
+  /* CopyTargetDeviceNotReachable */ check(SenseKey.CopyAborted, 0x0d, 0x02),
   /* ReservationConflict */ { status: ScsiStatus.ReservationConflict, key: 0, asc: 0, ascq: 0 },
   /* TaskAborted */ { status: ScsiStatus.TaskAborted, key: 0, asc: 0, ascq: 0 },
 ];

@@ -12,6 +12,7 @@ import {
   type CommandContext,
   type LogicalUnit,
 } from './logical-unit.js';
+import { thirdPartyCopyPage } from './extended-copy.js';
 import { ModePages, PageControl } from './mode-pages.js';
 import {
   GOOD,
@@ -48,7 +49,7 @@ function standardInquiry(device: BlockDevice | undefined): Buffer {
   data[2] = 0x06; // VERSION: SPC-4
   data[3] = 0x10 | 0x02; // HISUP, RESPONSE DATA FORMAT 2
   data[4] = data.length - 5;
-  data[5] = 0x00; // TPGS=0, 3PC=0, PROTECT=0
+  data[5] = 0x08; // TPGS=0, 3PC=1 (EXTENDED COPY), PROTECT=0
   data[6] = 0x00;
   data[7] = 0x02; // CMDQUE
   const identity = device?.identity;
@@ -61,7 +62,7 @@ function standardInquiry(device: BlockDevice | undefined): Buffer {
   return data;
 }
 
-const SUPPORTED_VPD_PAGES = [0x00, 0x80, 0x83, 0xb0, 0xb1, 0xb2];
+const SUPPORTED_VPD_PAGES = [0x00, 0x80, 0x83, 0x8f, 0xb0, 0xb1, 0xb2];
 
 function vpdPage(code: number, body: Buffer): Buffer {
   const page = Buffer.alloc(4 + body.length);
@@ -150,6 +151,9 @@ export function inquiry(cdb: Buffer, lu: LogicalUnit | undefined): Outcome {
       break;
     case 0x83:
       page = deviceIdentificationPage(device);
+      break;
+    case 0x8f:
+      page = thirdPartyCopyPage();
       break;
     case 0xb0:
       page = blockLimitsPage(lu);

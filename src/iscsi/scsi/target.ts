@@ -96,11 +96,17 @@ export class ScsiTarget implements ScsiTargetPort, TargetServices {
       for (const other of this.units.keys()) this.pushUnitAttention(session, other, SenseReason.ReportedLunsDataChanged);
     }
     this.logger.info({ lun }, 'LUN removed');
+    // Commands already running finish on the device before it is closed.
+    await unit.idle();
     await unit.device.close();
   }
 
   lunNumbers(): number[] {
     return [...this.sortedLuns];
+  }
+
+  logicalUnits(): Iterable<LogicalUnit> {
+    return this.units.values();
   }
 
   /** The capacity of `lun` changed: every nexus gets CAPACITY DATA HAS CHANGED (SBC-3 4.10). */
@@ -205,7 +211,12 @@ export class ScsiTarget implements ScsiTargetPort, TargetServices {
     if (cmd.signal?.aborted === true) return this.toResult(fail(SenseReason.TaskAborted), unit);
 
     const ctx: CommandContext = { cmd, cdb, lu: unit, session, target: this, logger: this.logger };
-    return this.toResult(await spec.handler(ctx), unit);
+    unit.commandStarted();
+    try {
+      return this.toResult(await spec.handler(ctx), unit);
+    } finally {
+      unit.commandFinished();
+    }
   }
 
   /** A LUN that is not present (SPC-4 6.6.2, 6.33, 6.39; SAM-5 5.9.4). */
@@ -256,7 +267,12 @@ export class ScsiTarget implements ScsiTargetPort, TargetServices {
   }
 
   private newSession(nexus: Nexus): NexusState {
-    const session: NexusState = { nexus, itNexusId: itNexusIdOf(nexus), unitAttentions: new Map() };
+    const session: NexusState = {
+      nexus,
+      itNexusId: itNexusIdOf(nexus),
+      unitAttentions: new Map(),
+      copyResults: new Map(),
+    };
     for (const lun of this.units.keys()) session.unitAttentions.set(lun, [SenseReason.PowerOnReset]);
     return session;
   }

@@ -53,7 +53,7 @@ import {
   type TaskAttribute,
 } from '../scsi-port.js';
 import { serialDiff } from './command-window.js';
-import type { Session } from './session.js';
+import { Session } from './session.js';
 
 /** What a connection needs from the server that owns it. */
 export interface ConnectionHost {
@@ -101,7 +101,8 @@ interface ScsiTask {
   nextR2TOffset: number;
   r2tSN: number;
   readonly r2ts: Map<number, OutstandingR2T>;
-  readonly abort: AbortController;
+  /** Created only when the SCSI layer looks at the command's signal (saves work per command). */
+  abortController: AbortController | undefined;
 }
 
 /** Largest Data-Out buffer we assemble for one command (bounded memory per command). */
@@ -141,6 +142,7 @@ export class Connection {
   private inFlight = 0;
   private idleWaiters: Array<() => void> = [];
   private draining = false;
+  private readPaused = false;
   session: Session | undefined;
   cid = 0;
   logger: Logger;
@@ -287,11 +289,10 @@ export class Connection {
     let session: Session | undefined;
     if (reply.complete) {
       const attached = this.host.attachSession(reply.complete, this, req.cmdSN);
-      if (Array.isArray(attached)) status = attached as LoginStatusCode;
-      else {
-        session = attached as Session;
+      if (attached instanceof Session) {
+        session = attached;
         tsih = session.tsih;
-      }
+      } else status = attached;
     }
     const failed = reply.failed === true || status[0] !== 0;
     const response = encodeLoginResponse({
@@ -312,7 +313,10 @@ export class Connection {
     });
     this.writer.send(response, failed ? undefined : reply.data);
     if (failed) {
-      this.logger.info({ statusClass: status[0], statusDetail: status[1] }, 'login refused');
+      this.logger.info(
+        { statusClass: status[0], statusDetail: status[1], reason: login.failureReason || undefined },
+        'login refused',
+      );
       this.closeAfterFlush();
       return;
     }
@@ -520,7 +524,7 @@ export class Connection {
       nextR2TOffset: 0,
       r2tSN: 0,
       r2ts: new Map(),
-      abort: new AbortController(),
+      abortController: undefined,
     };
     if (immediateLength > 0) {
       if (immediateLength === writeLength) task.immediateData = pdu.data;
@@ -671,7 +675,13 @@ export class Connection {
       taskAttribute: f.taskAttribute as TaskAttribute,
       expectedDataLength: f.expectedDataLength,
       ...(dataOut ? { dataOut } : {}),
-      signal: task.abort.signal,
+      get signal(): AbortSignal {
+        if (!task.abortController) {
+          task.abortController = new AbortController();
+          if (task.aborted) task.abortController.abort();
+        }
+        return task.abortController.signal;
+      },
     };
     this.inFlight++;
     let running: Promise<ScsiResult>;
@@ -705,6 +715,25 @@ export class Connection {
   private complete(task: ScsiTask, result: ScsiResult | undefined): void {
     if (this.tasks.get(task.itt) === task) this.tasks.delete(task.itt);
     if (task.aborted || this.state !== ConnectionState.FullFeature || this.writer.closed) return;
+    this.sendCompletion(task, result);
+    this.applyBackpressure();
+  }
+
+  /**
+   * Flow control: when the initiator reads responses more slowly than we produce them, stop
+   * reading new PDUs until the socket drains, so queued response data stays bounded.
+   */
+  private applyBackpressure(): void {
+    if (this.readPaused || !this.socket.writableNeedDrain) return;
+    this.readPaused = true;
+    this.socket.pause();
+    this.socket.once('drain', () => {
+      this.readPaused = false;
+      if (this.state !== ConnectionState.Closed) this.socket.resume();
+    });
+  }
+
+  private sendCompletion(task: ScsiTask, result: ScsiResult | undefined): void {
     const session = this.session!;
     const f = task.fields;
     if (!result) {
@@ -874,7 +903,7 @@ export class Connection {
 
   private abortTask(task: ScsiTask): void {
     task.aborted = true;
-    task.abort.abort();
+    task.abortController?.abort();
     if (this.tasks.get(task.itt) === task) this.tasks.delete(task.itt);
     if (!task.delivered && !task.immediate) this.session?.window.cancelHeld(task.cmdSN);
   }
@@ -1130,7 +1159,7 @@ export class Connection {
     if (this.nopTimer) clearInterval(this.nopTimer);
     for (const task of this.tasks.values()) {
       task.aborted = true;
-      task.abort.abort();
+      task.abortController?.abort();
     }
     this.tasks.clear();
     this.textContinuations.clear();
