@@ -6,7 +6,10 @@
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { truncate, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
+import { Writable } from 'node:stream';
+import { pino } from 'pino';
 import { silentLogger } from '../../src/log.js';
+import { DEFAULT_TARGET_POLICY } from '../../src/iscsi/login/keys.js';
 import { IscsiServer } from '../../src/iscsi/server.js';
 import { ScsiTarget } from '../../src/iscsi/scsi/target.js';
 import { FileBlockDevice } from '../../src/storage/file-device.js';
@@ -90,4 +93,54 @@ describe('iscsi-test-cu against the real SCSI layer behind this transport', () =
     expect(run.exitCode).toBe(0);
     expect(run.total).toBeGreaterThan(200);
   }, 250_000);
+});
+
+describe('iscsi-test-cu with CRC32C header digests', () => {
+  it('ALL with ?header_digest=crc32c: every session negotiates CRC32C and nothing fails', async () => {
+    const file = join(tmp.path, 'cu-digest.img');
+    await writeFile(file, Buffer.alloc(0));
+    await truncate(file, 64 * MiB);
+    const device = await FileBlockDevice.open({
+      path: file,
+      readOnly: false,
+      identity: { serial: 'TRANSPORT0002', naa: Buffer.from('6001405000000a02', 'hex'), vendor: 'BOOTRSTR', product: 'TRANSPORT-CU' },
+    });
+    // Capture login records to prove what was negotiated. libiscsi's tools offer "None,CRC32C"
+    // whatever the URL says, so this target accepts only CRC32C (RFC 7143 §13.1 list rule).
+    const logins: Array<{ headerDigest?: boolean; type?: string }> = [];
+    const sink = new Writable({
+      write(chunk: Buffer, _enc, done) {
+        for (const line of chunk.toString('utf8').split('\n')) {
+          if (!line.includes('"headerDigest"')) continue;
+          logins.push(JSON.parse(line) as { headerDigest?: boolean; type?: string });
+        }
+        done();
+      },
+    });
+    const scsi = new ScsiTarget({ logger: silentLogger() });
+    scsi.addLun(0, device);
+    const server = new IscsiServer({
+      portals: ['127.0.0.1:0'],
+      targets: [{ iqn: IQN_CONFORMANCE, port: scsi, allowedInitiators: LIBISCSI_TEST_INITIATORS }],
+      logger: pino({ level: 'info' }, sink),
+      keyPolicy: { ...DEFAULT_TARGET_POLICY, headerDigests: ['CRC32C'] },
+    });
+    try {
+      const port = (await server.start())[0]!.port;
+      const run = await runConformance(`iscsi://127.0.0.1:${port}/${IQN_CONFORMANCE}/0?header_digest=crc32c`, { tests: 'ALL', timeoutMs: 300_000 });
+      console.info(
+        `iscsi-test-cu ALL with CRC32C header digests: ${run.passed} passed / ${run.failed} failed / ${run.skipped} skipped of ${run.total} ` +
+          `(${run.elapsedMs.toFixed(0)} ms), ${logins.length} logins`,
+      );
+      expect(run.timedOut).toBe(false);
+      expect(run.failedTests).toEqual([]);
+      expect(run.exitCode).toBe(0);
+      expect(run.total).toBeGreaterThan(200);
+      expect(logins.length).toBeGreaterThan(20);
+      expect(logins.every((l) => l.headerDigest === true)).toBe(true);
+    } finally {
+      await server.stop();
+      await device.close();
+    }
+  }, 320_000);
 });

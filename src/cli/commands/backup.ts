@@ -36,7 +36,7 @@ export async function run(argv: string[]): Promise<number> {
   const json = args.booleans.has('json');
   const logger = createRootLogger(process.env.BOOTRESTORE_LOG_LEVEL ?? 'warn').child({ command: 'backup', vm });
 
-  const source = await openSource(sourcePath);
+  const source = await openSource(sourcePath, { logger });
   const bar = new ProgressBar(`backup ${vm}`);
   let result;
   try {

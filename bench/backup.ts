@@ -1,0 +1,380 @@
+/**
+ * Backup and reader benchmark: bootrestore's repository at several chunk sizes next to restic, on
+ * one generated image with realistic content, in the same run.
+ *
+ *   npx esbuild bench/backup.ts --bundle --platform=node --format=esm --target=node20 \
+ *     --packages=external --outfile=node_modules/.cache/bench-backup.mjs
+ *   node node_modules/.cache/bench-backup.mjs [--size-mib 1024] [--chunk-sizes 64,256,1024,4096]
+ *     [--no-restic] [--no-cold] [--random-reads 2000] [--json FILE] [--dir DIR]
+ *
+ * The image: 4 MiB regions, in a fixed pseudo-random order: 30% zero, 25% system files (bytes of
+ * /usr/lib and /usr/bin), 10% log-like text, 15% copies of earlier data regions (duplicate files),
+ * 20% random (compressed or encrypted data). The incremental step rewrites 400 scattered 4 KiB
+ * blocks and one 8 MiB run (~1% of a 1 GiB image).
+ * Reader figures use the plain reader (no cache): a random 4 KiB read loads, verifies and inflates
+ * a whole chunk. "cold" = after `echo 3 > /proc/sys/vm/drop_caches` (skipped if not permitted).
+ */
+import { execFile } from 'node:child_process';
+import { promises as fsp, readdirSync, statSync, openSync, readSync, closeSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { promisify } from 'node:util';
+import { backupSource } from '../src/backup/engine.js';
+import { openRestorePoint } from '../src/backup/reader.js';
+import { RawSource } from '../src/backup/sources/raw.js';
+import { runBounded } from '../src/backup/writer.js';
+import type { DiskSource } from '../src/backup/types.js';
+
+process.env.UV_THREADPOOL_SIZE ??= '16';
+const exec = promisify(execFile);
+const MiB = 1024 * 1024;
+
+interface Options {
+  sizeMib: number;
+  chunkSizes: number[];
+  restic: boolean;
+  cold: boolean;
+  randomReads: number;
+  json: string | null;
+  dir: string | null;
+}
+
+function parseOptions(argv: string[]): Options {
+  const o: Options = { sizeMib: 1024, chunkSizes: [64, 256, 1024, 4096], restic: true, cold: true, randomReads: 2000, json: null, dir: null };
+  for (let i = 0; i < argv.length; i++) {
+    const a = argv[i];
+    const next = (): string => {
+      const v = argv[++i];
+      if (v === undefined) throw new Error(`${a} needs a value`);
+      return v;
+    };
+    if (a === '--size-mib') o.sizeMib = Number(next());
+    else if (a === '--chunk-sizes') o.chunkSizes = next().split(',').map(Number);
+    else if (a === '--no-restic') o.restic = false;
+    else if (a === '--no-cold') o.cold = false;
+    else if (a === '--random-reads') o.randomReads = Number(next());
+    else if (a === '--json') o.json = next();
+    else if (a === '--dir') o.dir = next();
+    else throw new Error(`unknown option ${a}`);
+  }
+  return o;
+}
+
+/** xorshift32 stream: deterministic pseudo-random numbers and bytes. */
+class Rng {
+  constructor(private x: number) {}
+  next(): number {
+    let x = this.x;
+    x ^= x << 13;
+    x >>>= 0;
+    x ^= x >>> 17;
+    x ^= x << 5;
+    this.x = x >>> 0;
+    return this.x;
+  }
+  below(n: number): number {
+    return this.next() % n;
+  }
+  fill(buf: Buffer): void {
+    for (let i = 0; i + 4 <= buf.length; i += 4) buf.writeUInt32LE(this.next(), i);
+  }
+}
+
+/** Concatenated bytes of system files, to fill "system file" regions with real binaries and data. */
+function systemBytes(total: number): Buffer {
+  const out = Buffer.alloc(total);
+  let filled = 0;
+  const walk = (dir: string): void => {
+    if (filled >= total) return;
+    let names: string[];
+    try {
+      names = readdirSync(dir).sort();
+    } catch {
+      return;
+    }
+    for (const name of names) {
+      if (filled >= total) return;
+      const path = join(dir, name);
+      let st;
+      try {
+        st = statSync(path);
+      } catch {
+        continue;
+      }
+      if (st.isDirectory()) walk(path);
+      else if (st.isFile() && st.size > 0) {
+        const fd = openSync(path, 'r');
+        try {
+          filled += readSync(fd, out, filled, Math.min(st.size, total - filled), 0);
+        } catch {
+          // unreadable file: skip
+        } finally {
+          closeSync(fd);
+        }
+      }
+    }
+  };
+  walk('/usr/lib/x86_64-linux-gnu');
+  walk('/usr/bin');
+  walk('/usr/share');
+  return out.subarray(0, filled);
+}
+
+async function makeImage(path: string, sizeMib: number): Promise<void> {
+  const region = 4 * MiB;
+  const regions = Math.floor((sizeMib * MiB) / region);
+  const rng = new Rng(0x1234567);
+  const system = systemBytes(Math.ceil(regions * 0.25) * region);
+  const fh = await fsp.open(path, 'w+');
+  await fh.truncate(regions * region);
+  const written: number[] = [];
+  let systemOffset = 0;
+  const buf = Buffer.alloc(region);
+  for (let r = 0; r < regions; r++) {
+    const roll = rng.below(100);
+    if (roll < 30) continue; // zero region: a hole
+    if (roll < 55 && systemOffset + region <= system.length) {
+      system.copy(buf, 0, systemOffset, systemOffset + region);
+      systemOffset += region;
+    } else if (roll < 65) {
+      const lines: string[] = [];
+      let len = 0;
+      while (len < region) {
+        const line = `2026-12-02T14:${String(rng.below(60)).padStart(2, '0')}:${String(rng.below(60)).padStart(2, '0')} host${rng.below(16)} service[${rng.below(30000)}]: request ${rng.next().toString(16)} took ${rng.below(5000)} ms status ${[200, 200, 200, 404, 500][rng.below(5)]}\n`;
+        lines.push(line);
+        len += line.length;
+      }
+      Buffer.from(lines.join('')).copy(buf, 0, 0, region);
+    } else if (roll < 80 && written.length > 0) {
+      // A copy of an earlier data region, shifted by a multiple of 64 KiB (a duplicate file).
+      const from = written[rng.below(written.length)]!;
+      const shift = rng.below(64) * 65536;
+      const src = Buffer.alloc(region);
+      await fh.read(src, 0, region, from * region);
+      src.copy(buf, 0, shift);
+      src.copy(buf, region - shift, 0, shift);
+    } else {
+      rng.fill(buf);
+    }
+    await fh.write(buf, 0, region, r * region);
+    written.push(r);
+  }
+  await fh.sync();
+  await fh.close();
+}
+
+/** ~1% change: 400 scattered 4 KiB blocks and one 8 MiB run, returned as changed ranges. */
+async function modifyImage(path: string, size: number): Promise<Array<{ offset: number; length: number }>> {
+  const rng = new Rng(0xbeef);
+  const fh = await fsp.open(path, 'r+');
+  const ranges: Array<{ offset: number; length: number }> = [];
+  const block = Buffer.alloc(4096);
+  for (let k = 0; k < 400; k++) {
+    rng.fill(block);
+    const offset = rng.below(size / 4096) * 4096;
+    await fh.write(block, 0, 4096, offset);
+    ranges.push({ offset, length: 4096 });
+  }
+  const run = Buffer.alloc(8 * MiB);
+  rng.fill(run);
+  const runOffset = Math.floor(size / 3 / MiB) * MiB;
+  await fh.write(run, 0, run.length, runOffset);
+  ranges.push({ offset: runOffset, length: run.length });
+  await fh.sync();
+  await fh.close();
+  return ranges;
+}
+
+async function duBytes(path: string): Promise<number> {
+  const { stdout } = await exec('du', ['-sb', path]);
+  return Number(stdout.split('\t')[0]);
+}
+
+async function dropCaches(): Promise<boolean> {
+  try {
+    await exec('sync');
+    await fsp.writeFile('/proc/sys/vm/drop_caches', '3\n');
+    return true;
+  } catch {
+    return false;
+  }
+}
+
+/** Sequential 1 MiB reads over the whole image, 8 in flight: MB/s. */
+async function readSequential(repo: string, vm: string, id: string): Promise<number> {
+  const reader = await openRestorePoint(repo, vm, id);
+  try {
+    const size = reader.imageSize;
+    const t = performance.now();
+    await runBounded(Math.floor(size / MiB), 8, async (k) => {
+      await reader.read(k * MiB, MiB);
+    });
+    return size / ((performance.now() - t) / 1000) / 1e6;
+  } finally {
+    await reader.close();
+  }
+}
+
+/** Random 4 KiB reads, 32 in flight: IOPS and repository bytes loaded per read (whole chunks). */
+async function readRandom(repo: string, vm: string, id: string, count: number): Promise<{ iops: number; bytesPerOp: number }> {
+  const reader = await openRestorePoint(repo, vm, id);
+  try {
+    const rng = new Rng(42);
+    const offsets = Array.from({ length: count }, () => rng.below(reader.imageSize / 4096) * 4096);
+    let chunkBytes = 0;
+    const t = performance.now();
+    await runBounded(count, 32, async (k) => {
+      const off = offsets[k]!;
+      if (reader.chunkDigest(Math.floor(off / reader.chunkSize)) !== null) chunkBytes += reader.chunkSize;
+      await reader.read(off, 4096);
+    });
+    return { iops: count / ((performance.now() - t) / 1000), bytesPerOp: chunkBytes / count };
+  } finally {
+    await reader.close();
+  }
+}
+
+interface Row {
+  tool: string;
+  chunk: string;
+  fullMBps: number;
+  fullStoredMiB: number;
+  fullSeconds: number;
+  incMBps: number;
+  incStoredMiB: number;
+  incSeconds: number;
+  cbtSeconds?: number;
+  chunks?: number;
+  files?: number;
+  dedupChunks?: number;
+  seqCold?: number;
+  seqWarm?: number;
+  randCold?: number;
+  randWarm?: number;
+  randBytesPerOp?: number;
+}
+
+async function main(): Promise<void> {
+  const o = parseOptions(process.argv.slice(2));
+  const base = o.dir ?? (await fsp.mkdtemp(join(tmpdir(), 'bootrestore-bench-backup-')));
+  const image = join(base, 'image.raw');
+  const rows: Row[] = [];
+  try {
+    process.stderr.write(`generating ${o.sizeMib} MiB image in ${base} ...\n`);
+    await makeImage(image, o.sizeMib);
+    const pristine = join(base, 'image.orig.raw');
+    await exec('cp', ['--sparse=always', image, pristine]);
+    const size = (await fsp.stat(image)).size;
+    const canDrop = o.cold && (await dropCaches());
+
+    for (const kib of o.chunkSizes) {
+      await exec('cp', ['--sparse=always', pristine, image]);
+      const repo = join(base, `repo-${kib}k`);
+      process.stderr.write(`bootrestore ${kib} KiB: full backup ...\n`);
+      let source: DiskSource = await RawSource.open(image);
+      const full = await backupSource(repo, source, { vm: 'bench', chunkSize: kib * 1024 });
+      await source.close();
+      const fullStored = await duBytes(repo);
+      const ranges = await modifyImage(image, size);
+      source = await RawSource.open(image);
+      const inc = await backupSource(repo, source, { vm: 'bench' });
+      await source.close();
+      const incStored = (await duBytes(repo)) - fullStored;
+      // The same change again via changed-block tracking (reads only the listed ranges).
+      source = await RawSource.open(image);
+      const cbt = await backupSource(repo, source, { vm: 'bench', changedBlocks: ranges });
+      await source.close();
+      process.stderr.write(`bootrestore ${kib} KiB: reads ...\n`);
+      const row: Row = {
+        tool: 'bootrestore',
+        chunk: `${kib} KiB`,
+        fullMBps: size / full.stats.seconds / 1e6,
+        fullStoredMiB: fullStored / MiB,
+        fullSeconds: full.stats.seconds,
+        incMBps: size / inc.stats.seconds / 1e6,
+        incStoredMiB: incStored / MiB,
+        incSeconds: inc.stats.seconds,
+        cbtSeconds: cbt.stats.seconds,
+        chunks: full.stats.chunks,
+        files: full.stats.newChunks,
+        dedupChunks: full.stats.dedupChunks,
+      };
+      if (canDrop) {
+        await dropCaches();
+        row.seqCold = await readSequential(repo, 'bench', full.info.id);
+        await dropCaches();
+        row.randCold = (await readRandom(repo, 'bench', full.info.id, o.randomReads)).iops;
+      }
+      await readSequential(repo, 'bench', full.info.id); // warm the page cache
+      row.seqWarm = await readSequential(repo, 'bench', full.info.id);
+      const warm = await readRandom(repo, 'bench', full.info.id, o.randomReads);
+      row.randWarm = warm.iops;
+      row.randBytesPerOp = warm.bytesPerOp;
+      rows.push(row);
+      await fsp.rm(repo, { recursive: true, force: true });
+    }
+
+    if (o.restic) {
+      await exec('cp', ['--sparse=always', pristine, image]);
+      const repo = join(base, 'restic');
+      const env = { ...process.env, RESTIC_PASSWORD: 'bench', RESTIC_REPOSITORY: repo, RESTIC_CACHE_DIR: join(base, 'restic-cache') };
+      await exec('restic', ['init', '--repository-version', '2'], { env });
+      const emptyStored = await duBytes(repo);
+      process.stderr.write('restic: full backup ...\n');
+      let t = performance.now();
+      await exec('restic', ['backup', '--quiet', image], { env, maxBuffer: 64 * MiB });
+      const fullSeconds = (performance.now() - t) / 1000;
+      const fullStored = (await duBytes(repo)) - emptyStored;
+      await modifyImage(image, size);
+      t = performance.now();
+      await exec('restic', ['backup', '--quiet', image], { env, maxBuffer: 64 * MiB });
+      const incSeconds = (performance.now() - t) / 1000;
+      const incStored = (await duBytes(repo)) - emptyStored - fullStored;
+      rows.push({
+        tool: 'restic 0.14 (zstd auto)',
+        chunk: 'CDC ~1 MiB',
+        fullMBps: size / fullSeconds / 1e6,
+        fullStoredMiB: fullStored / MiB,
+        fullSeconds,
+        incMBps: size / incSeconds / 1e6,
+        incStoredMiB: incStored / MiB,
+        incSeconds,
+      });
+    }
+
+    const fmt = (v: number | undefined, d = 0): string => (v === undefined ? '-' : v.toFixed(d));
+    const header = ['tool', 'chunk', 'full MB/s', 'full stored MiB', 'inc MB/s', 'inc stored MiB', 'cbt s', 'files', 'dedup', 'seq cold MB/s', 'seq warm MB/s', 'rand4k cold IOPS', 'rand4k warm IOPS', 'repo bytes per 4k read'];
+    const table = [header];
+    for (const r of rows) {
+      table.push([
+        r.tool,
+        r.chunk,
+        fmt(r.fullMBps),
+        fmt(r.fullStoredMiB, 1),
+        fmt(r.incMBps),
+        fmt(r.incStoredMiB, 1),
+        fmt(r.cbtSeconds, 2),
+        fmt(r.files),
+        fmt(r.dedupChunks),
+        fmt(r.seqCold),
+        fmt(r.seqWarm),
+        fmt(r.randCold),
+        fmt(r.randWarm),
+        r.randBytesPerOp === undefined ? '-' : `${(r.randBytesPerOp / 1024).toFixed(0)} KiB`,
+      ]);
+    }
+    const widths = header.map((_, c) => Math.max(...table.map((row) => row[c]!.length)));
+    const lines = table.map((row) => '| ' + row.map((cell, c) => cell.padEnd(widths[c]!)).join(' | ') + ' |');
+    lines.splice(1, 0, '|' + widths.map((w) => '-'.repeat(w + 2)).join('|') + '|');
+    process.stdout.write(`image ${o.sizeMib} MiB (${size} bytes), cold reads ${canDrop ? 'after drop_caches' : 'not measured'}\n`);
+    process.stdout.write(lines.join('\n') + '\n');
+    if (o.json) writeFileSync(o.json, JSON.stringify({ sizeMib: o.sizeMib, rows }, null, 2));
+  } finally {
+    if (o.dir === null) await fsp.rm(base, { recursive: true, force: true });
+  }
+}
+
+main().catch((err: unknown) => {
+  process.stderr.write(`bench failed: ${err instanceof Error ? err.stack ?? err.message : String(err)}\n`);
+  process.exitCode = 1;
+});
