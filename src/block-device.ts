@@ -7,7 +7,7 @@
 export interface BlockDeviceIdentity {
   /** Unit serial number (VPD 0x80): printable ASCII, stable across restarts. */
   readonly serial: string;
-  /** 8-byte NAA IEEE Registered designator (NAA type 5) for VPD 0x83, stable across restarts. */
+  /** NAA designator for VPD 0x83 (8 bytes NAA 2/3/5 or 16 bytes NAA 6), stable across restarts. */
   readonly naa: Buffer;
   /** T10 vendor identification (≤ 8 ASCII chars). */
   readonly vendor: string;

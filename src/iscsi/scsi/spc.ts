@@ -86,7 +86,7 @@ function designator(byte0: number, byte1: number, value: Buffer): Buffer {
 function deviceIdentificationPage(device: BlockDevice): Buffer {
   const { identity } = device;
   const designators = [
-    // NAA (type 3), binary, association 0 = the logical unit: ESXi names the device from it.
+    // NAA (designator type 3), binary, association 0 = the logical unit: ESXi and Linux name the device from it.
     designator(0x01, 0x03, identity.naa),
     // T10 vendor ID based (type 1), ASCII, association 0: vendor + serial.
     designator(0x02, 0x01, Buffer.concat([asciiField(identity.vendor, 8), Buffer.from(identity.serial, 'ascii')])),
