@@ -4,6 +4,7 @@ import { open, readFile, readdir, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { runChecked, runCommand, type CommandResult } from './exec.js';
 import { CLI } from './server.js';
+import { pseudoRandomBytes } from './buffer-source.js';
 
 /** Run `node dist/bootrestore.mjs ARGS`; throws with its output on a non-zero exit. */
 export function cli(args: readonly string[], timeoutMs = 300_000): Promise<CommandResult> {
@@ -43,20 +44,8 @@ export async function hashTree(dir: string): Promise<Map<string, string>> {
   return out;
 }
 
-/** Deterministic pseudo-random bytes (xorshift32), fast enough for hundreds of MiB. */
-export function pseudoRandom(length: number, seed: number): Buffer {
-  const buf = Buffer.allocUnsafe(length + 3);
-  let x = seed >>> 0 || 0x9e3779b9;
-  for (let i = 0; i < length; i += 4) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    buf.writeUInt32LE(x, i);
-  }
-  return buf.subarray(0, length);
-}
+/** Deterministic pseudo-random bytes (xorshift32): one generator for every test. */
+export const pseudoRandom = pseudoRandomBytes;
 
 /**
  * Write a test image: `size` bytes in 1 MiB stripes; stripe i is zero when i % 5 == 1, a copy of
