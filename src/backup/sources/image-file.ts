@@ -1,4 +1,4 @@
-import { open, type FileHandle } from 'node:fs/promises';
+import { open, readFile, type FileHandle } from 'node:fs/promises';
 import { SourceError } from '../errors.js';
 
 /**
@@ -29,7 +29,9 @@ export class ImageFile {
       if (!stats.isFile() && !stats.isBlockDevice()) {
         throw new SourceError(path, 'not a regular file or block device');
       }
-      return new ImageFile(path, handle, stats.size, stats.mtimeMs);
+      // A block device's stat size is 0 on Linux: take it from sysfs (sectors of 512 bytes).
+      const size = stats.isBlockDevice() ? await blockDeviceSize(path, stats.rdev) : stats.size;
+      return new ImageFile(path, handle, size, stats.mtimeMs);
     } catch (err) {
       await handle.close().catch(() => undefined);
       if (err instanceof SourceError) throw err;
@@ -44,7 +46,7 @@ export class ImageFile {
     let mtimeMs: number;
     try {
       const stats = await this.handle.stat();
-      size = stats.size;
+      size = stats.isBlockDevice() ? this.size : stats.size;
       mtimeMs = stats.mtimeMs;
     } catch (err) {
       throw new SourceError(this.path, `cannot stat: ${errorMessage(err)}`);
@@ -100,6 +102,19 @@ export class ImageFile {
     if (this.closed) return;
     this.closed = true;
     await this.handle.close();
+  }
+}
+
+async function blockDeviceSize(path: string, rdev: number): Promise<number> {
+  // Linux dev_t encoding (glibc gnu_dev_major/gnu_dev_minor) for the 32-bit value Node exposes.
+  const major = ((rdev >>> 8) & 0xfff) | (Math.floor(rdev / 2 ** 32) & ~0xfff);
+  const minor = (rdev & 0xff) | ((rdev >>> 12) & 0xfff00);
+  try {
+    const sectors = Number((await readFile(`/sys/dev/block/${major}:${minor}/size`, 'utf8')).trim());
+    if (!Number.isSafeInteger(sectors * 512)) throw new Error(`bad size ${sectors}`);
+    return sectors * 512;
+  } catch (err) {
+    throw new SourceError(path, `cannot find the size of block device ${major}:${minor}: ${errorMessage(err)}`);
   }
 }
 

@@ -52,7 +52,8 @@ async function openAtDepth(
   const file = await ImageFile.open(path);
   try {
     const detected = await detectFormat(file);
-    // A format hint from a parent image must agree with the content: never read a qcow2 as raw.
+    // A format hint (a qcow2 backing format) must agree with the content, except "raw": any
+    // content may be read as raw when the parent says so (as qemu does).
     if (formatHint !== undefined && formatHint !== detected && !(formatHint === 'raw' && detected !== 'raw')) {
       throw new SourceError(path, `expected a ${formatHint} image, found ${detected}`);
     }
@@ -65,7 +66,11 @@ async function openAtDepth(
       case 'qcow2':
         return await Qcow2Source.fromFile(file, { openBacking, depth, ...(logger ? { logger } : {}) });
       case 'vmdk':
-        return await VmdkSource.fromFile(file, logger ? { logger } : {});
+        return await VmdkSource.fromFile(file, {
+          depth,
+          openParent: (parentPath, parentDepth) => openAtDepth(parentPath, 'vmdk', logger, parentDepth),
+          ...(logger ? { logger } : {}),
+        });
     }
   } catch (err) {
     await file.close().catch(() => undefined);

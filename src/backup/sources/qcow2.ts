@@ -328,7 +328,7 @@ export class Qcow2Source implements DiskSource {
     try {
       // Raw deflate without zlib header (qcow2 spec, compression type 0). The last sector may hold
       // bytes after the end of the stream: Z_SYNC_FLUSH accepts a stream without a final block too.
-      inflated = await inflateRawAsync(stored, { finishFlush: zlibConstants.Z_SYNC_FLUSH });
+      inflated = await inflateRawAsync(stored, { finishFlush: zlibConstants.Z_SYNC_FLUSH, chunkSize: this.clusterSize + 1024 });
     } catch (err) {
       throw new SourceError(this.file.path, `compressed cluster ${clusterIndex} does not inflate: ${errorMessage(err)}`);
     }

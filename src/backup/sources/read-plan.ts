@@ -45,7 +45,7 @@ export class ReadPlan {
   }
 
   task(promise: Promise<void>): void {
-    this.tasks.push(promise);
+    this.track(promise);
   }
 
   async finish(): Promise<void> {
@@ -54,15 +54,26 @@ export class ReadPlan {
     await Promise.all(this.tasks);
   }
 
+  /**
+   * Keep a started I/O for finish(). If planning fails half-way (a corrupt entry), finish() is never
+   * called: the no-op handler keeps an I/O error from becoming an unhandled rejection.
+   */
+  private track(promise: Promise<void>): void {
+    promise.catch(() => undefined);
+    this.tasks.push(promise);
+  }
+
   private flushData(): void {
     if (this.dataLength > 0) {
-      this.tasks.push(this.file.readInto(this.out, this.dataOut, this.dataLength, this.dataHost, 'data cluster'));
+      this.track(this.file.readInto(this.out, this.dataOut, this.dataLength, this.dataHost, 'data cluster'));
     }
     this.dataLength = 0;
   }
 
   private flushBacking(): void {
-    if (this.backingLength > 0 && this.readBacking !== undefined) this.tasks.push(this.readBacking(this.backingOut, this.backingVirtual, this.backingLength));
+    if (this.backingLength > 0 && this.readBacking !== undefined) {
+      this.track(this.readBacking(this.backingOut, this.backingVirtual, this.backingLength));
+    }
     this.backingLength = 0;
   }
 }

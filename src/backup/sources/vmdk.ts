@@ -4,9 +4,18 @@ import { dirname, isAbsolute, resolve } from 'node:path';
 import type { DiskSource } from '../types.js';
 import { SourceError } from '../errors.js';
 import type { Logger } from '../../log.js';
-import { ImageFile, appendRange, checkReadRange, errorMessage, type ZeroRange } from './image-file.js';
+import {
+  ImageFile,
+  appendRange,
+  checkReadRange,
+  clipRanges,
+  errorMessage,
+  intersectRanges,
+  unionRanges,
+  type ZeroRange,
+} from './image-file.js';
 import { BufferCache } from './metadata-cache.js';
-import { ReadPlan, loadCompressedUnits, type CompressedUnit } from './read-plan.js';
+import { ReadPlan, loadCompressedUnits, readParent, type CompressedUnit } from './read-plan.js';
 import { parseVmdkDescriptor, type VmdkDescriptor } from './vmdk-descriptor.js';
 
 const inflateAsync = promisify(inflate);
@@ -47,7 +56,13 @@ const SUPPORTED_CREATE_TYPES: ReadonlySet<string> = new Set([
 
 export interface VmdkOpenOptions {
   readonly logger?: Logger;
+  /** Opens the parent of a delta disk (a VMDK); without it delta disks are refused. */
+  readonly openParent?: (path: string, depth: number) => Promise<DiskSource>;
+  /** Position in a parent chain (0 for the top disk); bounded to stop loops. */
+  readonly depth?: number;
 }
+
+const MAX_PARENT_DEPTH = 32;
 
 interface SparseHeader {
   version: number;
@@ -68,18 +83,23 @@ interface SparseHeader {
 interface Extent {
   readonly size: number;
   readonly files: ReadonlyArray<ImageFile>;
-  /** Fill out[outOffset, outOffset+length) (zero-filled already) from extent offset `offset`. */
-  readInto(out: Buffer, outOffset: number, offset: number, length: number): Promise<void>;
-  /** Append zero ranges of this extent, shifted by `base`, to `ranges`. */
-  zeroRanges(base: number, ranges: ZeroRange[]): Promise<void>;
+  /**
+   * Fill out[outOffset, outOffset+length) (zero-filled already) from extent offset `offset`.
+   * `parent` (delta disks) fills unallocated parts: arguments are out offset, extent offset, length.
+   */
+  readInto(out: Buffer, outOffset: number, offset: number, length: number, parent?: ParentReader): Promise<void>;
+  /** Append ranges of this extent (shifted by `base`) that read as zero / are unallocated. */
+  zeroRanges(base: number, zero: ZeroRange[], unallocated: ZeroRange[]): Promise<void>;
 }
+
+type ParentReader = (outOffset: number, extentOffset: number, length: number) => Promise<void>;
 
 class ZeroExtent implements Extent {
   readonly files: ReadonlyArray<ImageFile> = [];
   constructor(readonly size: number) {}
   async readInto(): Promise<void> {}
-  async zeroRanges(base: number, ranges: ZeroRange[]): Promise<void> {
-    appendRange(ranges, base, this.size);
+  async zeroRanges(base: number, zero: ZeroRange[]): Promise<void> {
+    appendRange(zero, base, this.size);
   }
 }
 
@@ -159,8 +179,8 @@ class SparseExtent implements Extent {
     return new SparseExtent(file, header, directory, size);
   }
 
-  async readInto(out: Buffer, outOffset: number, offset: number, length: number): Promise<void> {
-    const plan = new ReadPlan(this.file, out);
+  async readInto(out: Buffer, outOffset: number, offset: number, length: number, parent?: ParentReader): Promise<void> {
+    const plan = new ReadPlan(this.file, out, parent);
     const compressedUnits: CompressedUnit[] = [];
     const compressedCopies: number[] = []; // per unit: out offset, offset in grain, length
     const end = offset + length;
@@ -170,7 +190,10 @@ class SparseExtent implements Extent {
       const directoryIndex = Math.floor(position / this.tableSpan);
       const table = this.grainTables.peek(this.directory[directoryIndex] ?? 0) ?? (await this.grainTable(directoryIndex));
       if (table === undefined) {
-        position = Math.min(end, (directoryIndex + 1) * this.tableSpan); // unallocated: zero
+        // No grain table: unallocated (zero, or the parent's data in a delta disk).
+        const spanEnd = Math.min(end, (directoryIndex + 1) * this.tableSpan);
+        plan.unallocated(outOffset + (position - offset), position, spanEnd - position);
+        position = spanEnd;
         continue;
       }
       const grainIndex = Math.floor(position / this.grainBytes);
@@ -178,8 +201,10 @@ class SparseExtent implements Extent {
       const grainEnd = Math.min(end, grainStart + this.grainBytes);
       const entry = table.readUInt32LE((grainIndex - directoryIndex * this.header.numGTEsPerGT) * 4);
       const target = outOffset + (position - offset);
-      if (entry === 0 || (entry === 1 && this.zeroedGrains)) {
-        // unallocated (no parent) or zeroed grain: already zero
+      if (entry === 0) {
+        plan.unallocated(target, position, grainEnd - position);
+      } else if (entry === 1 && this.zeroedGrains) {
+        // zeroed grain (VMDK 1.1 zeroed-grain GTE): already zero
       } else if (this.compressed) {
         // Stored length unknown until the marker is read: guess one grain plus a sector.
         compressedUnits.push({ start: entry * SECTOR, length: this.grainBytes + SECTOR, index: grainIndex });
@@ -207,22 +232,22 @@ class SparseExtent implements Extent {
     await plan.finish();
   }
 
-  async zeroRanges(base: number, ranges: ZeroRange[]): Promise<void> {
+  async zeroRanges(base: number, zero: ZeroRange[], unallocated: ZeroRange[]): Promise<void> {
     for (let directoryIndex = 0; directoryIndex * this.tableSpan < this.size; directoryIndex++) {
       if (directoryIndex % PREFETCH_TABLES === 0) this.prefetchGrainTables(directoryIndex + 1, directoryIndex + PREFETCH_TABLES);
       const tableStart = directoryIndex * this.tableSpan;
       const table = await this.grainTable(directoryIndex);
       if (table === undefined) {
-        appendRange(ranges, base + tableStart, Math.min(this.tableSpan, this.size - tableStart));
+        appendRange(unallocated, base + tableStart, Math.min(this.tableSpan, this.size - tableStart));
         continue;
       }
       for (let index = 0; index < this.header.numGTEsPerGT; index++) {
         const grainStart = tableStart + index * this.grainBytes;
         if (grainStart >= this.size) break;
         const entry = table.readUInt32LE(index * 4);
-        if (entry === 0 || (entry === 1 && this.zeroedGrains)) {
-          appendRange(ranges, base + grainStart, Math.min(this.grainBytes, this.size - grainStart));
-        }
+        const length = Math.min(this.grainBytes, this.size - grainStart);
+        if (entry === 0) appendRange(unallocated, base + grainStart, length);
+        else if (entry === 1 && this.zeroedGrains) appendRange(zero, base + grainStart, length);
       }
     }
   }
@@ -272,7 +297,7 @@ class SparseExtent implements Extent {
     }
     let grain: Buffer;
     try {
-      grain = await inflateAsync(payload);
+      grain = await inflateAsync(payload, { chunkSize: this.grainBytes + 1024 });
     } catch (err) {
       throw new SourceError(this.file.path, `compressed grain ${grainIndex} at ${position} does not inflate: ${errorMessage(err)}`);
     }
@@ -354,6 +379,35 @@ function decodeSparseHeader(raw: Buffer, path: string, what: string): { value: S
   };
 }
 
+/**
+ * Open the parent of a delta disk (VMDK 1.1, "parentCID" and "parentFileNameHint") and check that
+ * it is the disk the delta was taken from: its CID must equal our parentCID.
+ */
+async function openParentDisk(path: string, descriptor: VmdkDescriptor, options: VmdkOpenOptions): Promise<DiskSource> {
+  const hint = descriptor.parentFileNameHint;
+  if (options.openParent === undefined || hint === undefined || hint === '') {
+    throw new SourceError(path, `VMDK delta disk (parentCID ${descriptor.parentCid}) without a usable parentFileNameHint`);
+  }
+  const depth = options.depth ?? 0;
+  if (depth >= MAX_PARENT_DEPTH) throw new SourceError(path, `VMDK parent chain deeper than ${MAX_PARENT_DEPTH} disks (a loop?)`);
+  const parentPath = isAbsolute(hint) ? hint : resolve(dirname(path), hint);
+  let parent: DiskSource;
+  try {
+    parent = await options.openParent(parentPath, depth + 1);
+  } catch (err) {
+    throw new SourceError(path, `cannot open parent disk ${parentPath}: ${errorMessage(err)}`);
+  }
+  const parentCid = parent instanceof VmdkSource ? parent.descriptor.keys.get('CID') : undefined;
+  if (parentCid === undefined || parentCid.toLowerCase() !== descriptor.parentCid?.toLowerCase()) {
+    await parent.close().catch(() => undefined);
+    throw new SourceError(
+      path,
+      `parent disk ${parentPath} has CID ${parentCid ?? '(none)'}, the delta expects ${descriptor.parentCid}: the parent changed after the snapshot`,
+    );
+  }
+  return parent;
+}
+
 export class VmdkSource implements DiskSource {
   readonly format: string;
   readonly size: number;
@@ -365,6 +419,7 @@ export class VmdkSource implements DiskSource {
     private readonly file: ImageFile,
     readonly descriptor: VmdkDescriptor,
     private readonly extents: ReadonlyArray<Extent>,
+    private readonly parent: DiskSource | undefined,
   ) {
     this.format = `vmdk-${descriptor.createType}`;
     this.extentStarts = [];
@@ -374,7 +429,10 @@ export class VmdkSource implements DiskSource {
       start += extent.size;
     }
     this.size = start;
-    this.description = `vmdk ${descriptor.createType} ${file.path}${extents.length > 1 ? ` (${extents.length} extents)` : ''}`;
+    const parts: string[] = [];
+    if (extents.length > 1) parts.push(`${extents.length} extents`);
+    if (parent !== undefined) parts.push(`parent: ${parent.description}`);
+    this.description = `vmdk ${descriptor.createType} ${file.path}${parts.length > 0 ? ` (${parts.join(', ')})` : ''}`;
   }
 
   static async open(path: string, options: VmdkOpenOptions = {}): Promise<VmdkSource> {
@@ -394,23 +452,26 @@ export class VmdkSource implements DiskSource {
     let descriptor: VmdkDescriptor;
     let selfIsSparse = false;
     if (head.length >= 4 && head.readUInt32LE(0) === SPARSE_MAGIC) {
+      // A sparse file opened directly is the whole disk, one extent: the extent line of its
+      // embedded descriptor still names the file it was created as (a renamed copy must not open
+      // the original), so only createType and the parent link are taken from it (as qemu does).
       selfIsSparse = true;
       const header = await readSparseHeader(file);
+      let embedded: VmdkDescriptor | undefined;
       if (header.descriptorOffset !== 0 && header.descriptorSize !== 0) {
         const bytes = Math.min(header.descriptorSize * SECTOR, MAX_DESCRIPTOR_BYTES);
         const text = (await file.read(header.descriptorOffset * SECTOR, bytes, 'embedded VMDK descriptor')).toString('utf8');
-        descriptor = parseVmdkDescriptor(text.replace(/\0[\s\S]*$/, ''), path);
-      } else {
-        // A sparse file without an embedded descriptor: one extent covering its capacity.
-        descriptor = {
-          version: 1,
-          createType: (header.flags & FLAG_COMPRESSED) !== 0 ? 'streamOptimized' : 'monolithicSparse',
-          parentCid: undefined,
-          parentFileNameHint: undefined,
-          extents: [{ access: 'RW', sectors: header.capacity, type: 'SPARSE', fileName: undefined, offsetSectors: 0 }],
-          keys: new Map(),
-        };
+        const trimmed = text.replace(/\0[\s\S]*$/, '');
+        if (trimmed.trim() !== '') embedded = parseVmdkDescriptor(trimmed, path);
       }
+      descriptor = {
+        version: embedded?.version ?? 1,
+        createType: embedded?.createType ?? ((header.flags & FLAG_COMPRESSED) !== 0 ? 'streamOptimized' : 'monolithicSparse'),
+        parentCid: embedded?.parentCid,
+        parentFileNameHint: embedded?.parentFileNameHint,
+        extents: [{ access: 'RW', sectors: header.capacity, type: 'SPARSE', fileName: undefined, offsetSectors: 0 }],
+        keys: embedded?.keys ?? new Map(),
+      };
     } else {
       if (file.size > MAX_DESCRIPTOR_BYTES) {
         throw new SourceError(path, `not a VMDK sparse file and too large (${file.size} bytes) for a descriptor`);
@@ -424,16 +485,13 @@ export class VmdkSource implements DiskSource {
         `VMDK createType "${descriptor.createType}" is not supported (supported: ${[...SUPPORTED_CREATE_TYPES].join(', ')})`,
       );
     }
-    if (descriptor.parentCid !== undefined && descriptor.parentCid.toLowerCase() !== 'ffffffff') {
-      throw new SourceError(
-        path,
-        `VMDK delta disks (parentCID ${descriptor.parentCid}${descriptor.parentFileNameHint ? `, parent ${descriptor.parentFileNameHint}` : ''}) are not supported`,
-      );
-    }
-
     const opened: ImageFile[] = [];
     const extents: Extent[] = [];
+    let parent: DiskSource | undefined;
     try {
+      if (descriptor.parentCid !== undefined && descriptor.parentCid.toLowerCase() !== 'ffffffff') {
+        parent = await openParentDisk(path, descriptor, options);
+      }
       for (const line of descriptor.extents) {
         const size = line.sectors * SECTOR;
         if (line.access === 'NOACCESS') throw new SourceError(path, 'VMDK extent with NOACCESS cannot be read');
@@ -472,9 +530,10 @@ export class VmdkSource implements DiskSource {
       }
     } catch (err) {
       await Promise.all(opened.map((extentFile) => extentFile.close().catch(() => undefined)));
+      await parent?.close().catch(() => undefined);
       throw err;
     }
-    const source = new VmdkSource(file, descriptor, extents);
+    const source = new VmdkSource(file, descriptor, extents, parent);
     options.logger?.debug({ path, createType: descriptor.createType, extents: extents.length, size: source.size }, 'opened VMDK image');
     return source;
   }
@@ -494,7 +553,12 @@ export class VmdkSource implements DiskSource {
       tasks.push(
         (async () => {
           for (const extentFile of extent.files) if (extentFile !== this.file) await extentFile.checkUnchanged();
-          await extent.readInto(out, from - offset, from - start, to - from);
+          const parent = this.parent;
+          const readFromParent: ParentReader | undefined =
+            parent === undefined
+              ? undefined
+              : (outOffset, extentOffset, length) => readParent(parent, out, outOffset, start + extentOffset, length);
+          await extent.readInto(out, from - offset, from - start, to - from, readFromParent);
         })(),
       );
     }
@@ -503,17 +567,28 @@ export class VmdkSource implements DiskSource {
   }
 
   async zeroRanges(): Promise<ReadonlyArray<{ offset: number; length: number }>> {
-    const ranges: ZeroRange[] = [];
+    const zero: ZeroRange[] = [];
+    const unallocated: ZeroRange[] = [];
     for (let index = 0; index < this.extents.length; index++) {
-      await this.extents[index]!.zeroRanges(this.extentStarts[index]!, ranges);
+      await this.extents[index]!.zeroRanges(this.extentStarts[index]!, zero, unallocated);
     }
-    return ranges;
+    if (this.parent === undefined) return unionRanges(zero, unallocated);
+    // Unallocated grains of a delta disk show the parent: zero where it is zero or beyond its end.
+    const parentZero = unionRanges(
+      [...((await this.parent.zeroRanges?.()) ?? [])],
+      this.parent.size < this.size ? [{ offset: this.parent.size, length: this.size - this.parent.size }] : [],
+    );
+    return clipRanges(unionRanges(zero, intersectRanges(unallocated, parentZero)), this.size);
   }
 
   async close(): Promise<void> {
     const files = new Set<ImageFile>([this.file]);
     for (const extent of this.extents) for (const extentFile of extent.files) files.add(extentFile);
-    await Promise.all([...files].map((f) => f.close()));
+    try {
+      await Promise.all([...files].map((f) => f.close()));
+    } finally {
+      await this.parent?.close();
+    }
   }
 
   /** Index of the extent containing `offset` (binary search over extent starts). */
