@@ -142,6 +142,7 @@ export class BackupBlockDevice implements BlockDevice {
     const start = lba * BLOCK_SIZE;
     const length = blocks * BLOCK_SIZE;
     this.checkRange(lba, blocks);
+    this.metrics.readsInFlight++;
     try {
       this.noteRead(start, start + length);
       const result = await this.readRange(start, length);
@@ -152,6 +153,7 @@ export class BackupBlockDevice implements BlockDevice {
       this.metrics.readErrors++;
       throw err;
     } finally {
+      this.metrics.readsInFlight--;
       this.metrics.readLatency.observe((performance.now() - started) / 1000);
     }
   }
@@ -161,6 +163,7 @@ export class BackupBlockDevice implements BlockDevice {
     if (data.length % BLOCK_SIZE !== 0) throw new RangeError(`write of ${data.length} bytes is not whole blocks`);
     this.checkRange(lba, data.length / BLOCK_SIZE);
     const started = performance.now();
+    this.metrics.writesInFlight++;
     try {
       await delta.write(lba * BLOCK_SIZE, data, opts.fua, this.baseReader);
       this.metrics.writes++;
@@ -169,6 +172,7 @@ export class BackupBlockDevice implements BlockDevice {
       this.metrics.writeErrors++;
       throw asWriteError(err);
     } finally {
+      this.metrics.writesInFlight--;
       this.metrics.writeLatency.observe((performance.now() - started) / 1000);
     }
   }
@@ -277,6 +281,7 @@ export class BackupBlockDevice implements BlockDevice {
     try {
       await this.delta?.close();
     } finally {
+      this.cache.forgetMount(this.mountId);
       await this.reader.close();
     }
   }

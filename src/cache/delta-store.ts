@@ -4,14 +4,15 @@
  *
  *   <dir>/data     sparse file, the size of the LUN; a unit's data sits at its own LUN offset
  *   <dir>/map      checkpoint of the unit map (two bitmaps) + the last journal sequence it covers
- *   <dir>/journal  append-only 32-byte records (extent, state) with CRC, written before a write is
- *                  acknowledged; replayed over the checkpoint on open
+ *   <dir>/journal  append-only records (extent, state, per-sector CRCs of written data) with CRC,
+ *                  written before a write is acknowledged; replayed over the checkpoint on open
  *
  * Ordering: data is written to the data file before its journal record; FLUSH (SYNCHRONIZE CACHE,
  * SBC-3 5.22) = fdatasync(data) then a barrier record then fdatasync(journal). A FUA write (SBC-3 5.41,
- * FUA bit) fdatasyncs its data before its record and the journal after. Records after the last
- * barrier are only replayed if the data they describe is in the data file (CRC of the data), so after a
- * crash each block reads its old or its new content, never a mix of a unit's base fill and a hole.
+ * FUA bit) fdatasyncs its data before its record and the journal after. A unit that an unflushed
+ * record brought into the delta is only replayed if its sectors hold data of that or a later write
+ * (sector CRCs), so after a crash each block reads its old or its new content, never a hole where a
+ * read-modify-write fill was lost.
  */
 import { constants as fsConstants, promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
@@ -30,12 +31,15 @@ const MAP_MAGIC = Buffer.from('BRDM', 'latin1');
 const MAP_VERSION = 1;
 const MAP_HEADER_SIZE = 64;
 const RECORD_MAGIC = Buffer.from('BRJ1', 'latin1');
+/** Size of a record header; a present record is followed by 4 bytes per sector (docs/delta-format.md). */
 export const RECORD_SIZE = 32;
 const RECORD_PRESENT = 1;
 const RECORD_ZERO = 2;
 const RECORD_BARRIER = 3;
 /** Record flag: the record's data was fdatasync'ed before the record was written (FUA write). */
 const FLAG_DATA_DURABLE = 1;
+/** A present record carries one CRC per sector; more sectors than this in one record means garbage. */
+const MAX_PRESENT_RECORD_SECTORS = 1 << 20;
 /** blockCount is a u32; large UNMAPs are split. */
 const MAX_RECORD_BLOCKS = 0x8000_0000;
 
@@ -68,9 +72,13 @@ export interface DeltaStoreStats {
   readonly flushes: number;
   readonly checkpoints: number;
   readonly journalBytes: number;
-  /** Records replayed / discarded when this delta was opened (crash recovery). */
+  /** Records replayed when this delta was opened (crash recovery). */
   readonly recoveredRecords: number;
-  readonly discardedRecords: number;
+  /**
+   * Units an unflushed record would have brought into the delta but whose data could not be verified
+   * in the data file on recovery: they kept their previous content.
+   */
+  readonly discardedUnits: number;
 }
 
 interface JournalRecord {
@@ -80,7 +88,8 @@ interface JournalRecord {
   /** First sector (RECORD_BARRIER: the last sequence number whose data the barrier covers). */
   readonly first: number;
   readonly blocks: number;
-  readonly dataCrc: number;
+  /** RECORD_PRESENT: CRC-32 of each written sector, in order (`blocks` entries). */
+  readonly sectorCrcs?: Uint32Array;
 }
 
 interface PendingAppend {
@@ -109,7 +118,7 @@ export class DeltaStore {
   private activeOps = 0;
   private drained: (() => void) | null = null;
   private exclusive: Promise<void> | null = null;
-  private counters = { bytesWritten: 0, writes: 0, flushes: 0, checkpoints: 0, recoveredRecords: 0, discardedRecords: 0 };
+  private counters = { bytesWritten: 0, writes: 0, flushes: 0, checkpoints: 0, recoveredRecords: 0, discardedUnits: 0 };
 
   private constructor(
     options: DeltaStoreOptions,
@@ -172,7 +181,12 @@ export class DeltaStore {
     if (checkpoint.sizeBytes !== sizeBytes) {
       throw new StorageError(`delta ${dir} is for a ${checkpoint.sizeBytes}-byte LUN, not ${sizeBytes}`, 'medium-error');
     }
-    const data = await fsp.open(dataPath, fsConstants.O_RDWR);
+    let data: FileHandle;
+    try {
+      data = await fsp.open(dataPath, fsConstants.O_RDWR);
+    } catch (err) {
+      throw new StorageError(`delta ${dir} is incomplete: cannot open its data file (${errorText(err)})`, 'medium-error', { cause: err });
+    }
     let journal: FileHandle;
     try {
       journal = await fsp.open(journalPath, fsConstants.O_RDWR | fsConstants.O_CREAT, 0o600);
@@ -243,12 +257,9 @@ export class DeltaStore {
     try {
       const end = offset + length;
       const u = this.unitSize;
-      let firstFull = Math.ceil(offset / u);
+      const firstFull = Math.ceil(offset / u);
       let endFull = Math.floor(end / u);
       if (end === this.sizeBytes) endFull = this.unitCount; // a short last unit counts as whole
-      if (endFull < firstFull) {
-        firstFull = endFull = 0;
-      }
       const partials: Array<[number, number]> = [];
       if (endFull > firstFull) {
         if (offset < firstFull * u) partials.push([offset, firstFull * u]);
@@ -257,7 +268,11 @@ export class DeltaStore {
         partials.push([offset, end]);
       }
       for (const [from, to] of partials) {
-        await this.writeLocked(from, Buffer.alloc(to - from), false, readBase);
+        const firstUnit = Math.floor(from / u);
+        const endUnit = Math.ceil(to / u);
+        let alreadyZero = true;
+        for (let unit = firstUnit; unit < endUnit && alreadyZero; unit++) alreadyZero = this.map.state(unit) === UNIT_ZERO;
+        if (!alreadyZero) await this.writeLocked(from, Buffer.alloc(to - from), false, readBase);
       }
       if (endFull > firstFull) {
         const release = await this.locks.acquire(firstFull, endFull);
@@ -265,7 +280,7 @@ export class DeltaStore {
           const firstSector = (firstFull * u) / SECTOR;
           const endSector = Math.min(endFull * u, this.sizeBytes) / SECTOR;
           for (let s = firstSector; s < endSector; s += MAX_RECORD_BLOCKS) {
-            await this.appendRecord(RECORD_ZERO, 0, s, Math.min(MAX_RECORD_BLOCKS, endSector - s), 0);
+            await this.appendRecord(RECORD_ZERO, 0, s, Math.min(MAX_RECORD_BLOCKS, endSector - s));
           }
           this.map.setRange(firstFull, endFull, UNIT_ZERO);
         } finally {
@@ -285,7 +300,7 @@ export class DeltaStore {
     try {
       const coversSeq = this.nextSeq - 1;
       await this.syncData();
-      await this.appendRecord(RECORD_BARRIER, 0, coversSeq, 0, 0);
+      await this.appendRecord(RECORD_BARRIER, 0, coversSeq, 0);
       await this.syncJournal();
       this.counters.flushes++;
       checkpointDue = this.journalEnd >= this.checkpointJournalBytes;
@@ -387,7 +402,7 @@ export class DeltaStore {
       }
       await this.pwriteData(extent, extentStart);
       if (fua) await this.syncData();
-      await this.appendRecord(RECORD_PRESENT, fua ? FLAG_DATA_DURABLE : 0, extentStart / SECTOR, extent.length / SECTOR, crc32(extent));
+      await this.appendRecord(RECORD_PRESENT, fua ? FLAG_DATA_DURABLE : 0, extentStart / SECTOR, extent.length / SECTOR, sectorCrcsOf(extent));
       this.map.setRange(firstUnit, endUnit, UNIT_PRESENT);
       if (fua) await this.syncJournal();
       this.counters.writes++;
@@ -437,8 +452,8 @@ export class DeltaStore {
   }
 
   /** Append one record; records reach the file in sequence order (batched into one write when queued). */
-  private appendRecord(type: number, flags: number, first: number, blocks: number, dataCrc: number): Promise<void> {
-    const record = encodeRecord({ type, flags, seq: this.nextSeq++, first, blocks, dataCrc });
+  private appendRecord(type: number, flags: number, first: number, blocks: number, sectorCrcs?: Uint32Array): Promise<void> {
+    const record = encodeRecord({ type, flags, seq: this.nextSeq++, first, blocks, ...(sectorCrcs !== undefined ? { sectorCrcs } : {}) });
     return new Promise<void>((resolve, reject) => {
       this.pendingAppends.push({ record, resolve, reject });
       if (!this.appending) void this.pumpAppends();
@@ -503,9 +518,11 @@ export class DeltaStore {
     const lastCheckpointSeq = this.nextSeq - 1;
     const records: JournalRecord[] = [];
     let expected = lastCheckpointSeq + 1;
-    for (let at = 0; at + RECORD_SIZE <= journal.length; at += RECORD_SIZE) {
-      const rec = decodeRecord(journal, at);
-      if (rec === null) break; // torn or never written: the end of the journal
+    for (let at = 0; at + RECORD_SIZE <= journal.length; ) {
+      const decoded = decodeRecord(journal, at);
+      if (decoded === null) break; // torn or never written: the end of the journal
+      at = decoded.next;
+      const rec = decoded.record;
       if (rec.seq <= lastCheckpointSeq) continue; // already in the checkpoint
       if (rec.seq !== expected) break;
       records.push(rec);
@@ -513,47 +530,72 @@ export class DeltaStore {
     }
     let trustedSeq = 0;
     for (const rec of records) if (rec.type === RECORD_BARRIER) trustedSeq = Math.max(trustedSeq, rec.first);
+    const isTrusted = (rec: JournalRecord): boolean => rec.seq <= trustedSeq || (rec.flags & FLAG_DATA_DURABLE) !== 0;
+
+    // Unflushed present records: for each sector they wrote, the CRCs it may legitimately hold
+    // (written by that record or a later one), and the CRC of what the data file holds now.
+    const candidates = new Map<number, Array<{ seq: number; crc: number }>>();
+    const onDisk = new Map<number, number>();
+    for (const rec of records) {
+      if (rec.type !== RECORD_PRESENT || isTrusted(rec) || !this.extentInside(rec)) continue;
+      const content = Buffer.allocUnsafe(rec.blocks * SECTOR);
+      await this.readInto(content, 0, content.length, rec.first * SECTOR);
+      const actual = sectorCrcsOf(content);
+      for (let i = 0; i < rec.blocks; i++) {
+        const sector = rec.first + i;
+        onDisk.set(sector, actual[i]!);
+        let list = candidates.get(sector);
+        if (list === undefined) candidates.set(sector, (list = []));
+        list.push({ seq: rec.seq, crc: rec.sectorCrcs![i]! });
+      }
+    }
+
     const u = this.unitSize;
+    const sectorsPerUnit = u / SECTOR;
     let replayed = 0;
-    let discarded = 0;
+    let discardedUnits = 0;
     for (const rec of records) {
       if (rec.type === RECORD_BARRIER) continue;
+      if (!this.extentInside(rec)) continue;
       const start = rec.first * SECTOR;
       const end = start + rec.blocks * SECTOR;
-      if (end > this.sizeBytes || rec.blocks === 0) {
-        discarded++;
-        continue;
-      }
       const firstUnit = Math.floor(start / u);
       const endUnit = Math.ceil(end / u);
+      replayed++;
       if (rec.type === RECORD_ZERO) {
         this.map.setRange(firstUnit, endUnit, UNIT_ZERO);
-        replayed++;
         continue;
       }
-      const trusted = rec.seq <= trustedSeq || (rec.flags & FLAG_DATA_DURABLE) !== 0;
-      if (!trusted) {
-        // Not covered by a flush: apply only if its data reached the data file and any unit it only
-        // partly covers was already complete in the delta.
-        const content = Buffer.allocUnsafe(end - start);
-        await this.readInto(content, 0, content.length, start);
-        const partialHead = start % u !== 0 && this.map.state(firstUnit) !== UNIT_PRESENT;
-        const partialTail = end % u !== 0 && end !== this.sizeBytes && this.map.state(endUnit - 1) !== UNIT_PRESENT;
-        if (crc32(content) !== rec.dataCrc || partialHead || partialTail) {
-          discarded++;
-          continue;
-        }
+      if (isTrusted(rec)) {
+        this.map.setRange(firstUnit, endUnit, UNIT_PRESENT);
+        continue;
       }
-      this.map.setRange(firstUnit, endUnit, UNIT_PRESENT);
-      replayed++;
+      // Unflushed: a unit already in the delta stays there; a unit this record brought in (whole, with
+      // its read-modify-write fill) only if every sector of it holds data of this or a later write.
+      for (let unit = firstUnit; unit < endUnit; unit++) {
+        if (this.map.state(unit) === UNIT_PRESENT) continue;
+        const unitFirst = unit * sectorsPerUnit;
+        const unitEnd = Math.min(unitFirst + sectorsPerUnit, this.sizeBytes / SECTOR);
+        let verified = unitFirst >= rec.first && unitEnd <= rec.first + rec.blocks;
+        for (let sector = unitFirst; verified && sector < unitEnd; sector++) {
+          const crc = onDisk.get(sector);
+          verified = crc !== undefined && (candidates.get(sector) ?? []).some((c) => c.seq >= rec.seq && c.crc === crc);
+        }
+        if (verified) this.map.setRange(unit, unit + 1, UNIT_PRESENT);
+        else discardedUnits++;
+      }
     }
     this.nextSeq = Math.max(this.nextSeq, expected);
     this.counters.recoveredRecords = replayed;
-    this.counters.discardedRecords = discarded;
+    this.counters.discardedUnits = discardedUnits;
     if (records.length > 0 || journal.length > 0) {
-      this.logger.info({ dir: this.dir, replayed, discarded, journalBytes: journal.length }, 'delta journal replayed');
+      this.logger.info({ dir: this.dir, replayed, discardedUnits, journalBytes: journal.length }, 'delta journal replayed');
     }
     await this.checkpoint();
+  }
+
+  private extentInside(rec: JournalRecord): boolean {
+    return rec.blocks > 0 && (rec.first + rec.blocks) * SECTOR <= this.sizeBytes;
   }
 }
 
@@ -561,33 +603,52 @@ function isValidUnitSize(n: number): boolean {
   return Number.isInteger(n) && n >= SECTOR && n <= 65536 && (n & (n - 1)) === 0;
 }
 
+/** CRC-32 of each 512-byte sector of `data`. */
+function sectorCrcsOf(data: Buffer): Uint32Array {
+  const crcs = new Uint32Array(data.length / SECTOR);
+  for (let i = 0; i < crcs.length; i++) crcs[i] = crc32(data.subarray(i * SECTOR, (i + 1) * SECTOR));
+  return crcs;
+}
+
 function encodeRecord(rec: JournalRecord): Buffer {
-  const b = Buffer.alloc(RECORD_SIZE);
+  const payloadBytes = rec.sectorCrcs === undefined ? 0 : rec.sectorCrcs.length * 4;
+  const b = Buffer.alloc(RECORD_SIZE + payloadBytes);
   RECORD_MAGIC.copy(b, 0);
   b.writeUInt8(rec.type, 4);
   b.writeUInt8(rec.flags, 5);
   b.writeUIntLE(rec.seq, 6, 6);
   b.writeUIntLE(rec.first, 12, 6);
   b.writeUInt32LE(rec.blocks, 20);
-  b.writeUInt32LE(rec.dataCrc >>> 0, 24);
+  if (rec.sectorCrcs !== undefined) {
+    for (let i = 0; i < rec.sectorCrcs.length; i++) b.writeUInt32LE(rec.sectorCrcs[i]!, RECORD_SIZE + 4 * i);
+    b.writeUInt32LE(crc32(b.subarray(RECORD_SIZE)), 24);
+  }
   b.writeUInt32LE(crc32(b.subarray(0, 28)), 28);
   return b;
 }
 
-/** The record at `at`, or null if it is torn, zeroed or not a record. */
-function decodeRecord(buf: Buffer, at: number): JournalRecord | null {
+/** The record at `at` and the offset after it, or null if it is torn, zeroed or not a record. */
+function decodeRecord(buf: Buffer, at: number): { record: JournalRecord; next: number } | null {
   if (buf.compare(RECORD_MAGIC, 0, 4, at, at + 4) !== 0) return null;
   if (crc32(buf.subarray(at, at + 28)) !== buf.readUInt32LE(at + 28)) return null;
   const type = buf.readUInt8(at + 4);
   if (type !== RECORD_PRESENT && type !== RECORD_ZERO && type !== RECORD_BARRIER) return null;
-  return {
+  const header = {
     type,
     flags: buf.readUInt8(at + 5),
     seq: buf.readUIntLE(at + 6, 6),
     first: buf.readUIntLE(at + 12, 6),
     blocks: buf.readUInt32LE(at + 20),
-    dataCrc: buf.readUInt32LE(at + 24),
   };
+  if (type !== RECORD_PRESENT) return { record: header, next: at + RECORD_SIZE };
+  if (header.blocks > MAX_PRESENT_RECORD_SECTORS) return null;
+  const payloadEnd = at + RECORD_SIZE + 4 * header.blocks;
+  if (payloadEnd > buf.length) return null; // torn: the sector CRCs did not all reach the file
+  const payload = buf.subarray(at + RECORD_SIZE, payloadEnd);
+  if (crc32(payload) !== buf.readUInt32LE(at + 24)) return null;
+  const sectorCrcs = new Uint32Array(header.blocks);
+  for (let i = 0; i < header.blocks; i++) sectorCrcs[i] = payload.readUInt32LE(4 * i);
+  return { record: { ...header, sectorCrcs }, next: payloadEnd };
 }
 
 function encodeMap(map: UnitMap, unitSize: number, sizeBytes: number, lastSeq: number): Buffer {

@@ -39,6 +39,9 @@ export class DeviceMetrics {
   chunksLoaded = 0;
   bytesDecompressed = 0;
   readAheadChunks = 0;
+  /** Reads / writes started and not yet finished (a stuck request shows here). */
+  readsInFlight = 0;
+  writesInFlight = 0;
   readonly readLatency = new LatencyHistogram();
   readonly writeLatency = new LatencyHistogram();
 }
@@ -75,6 +78,11 @@ export function renderPrometheus(luns: ReadonlyArray<LunMetricsSource>, cache?: 
 
   out.push('# HELP bootrestore_lun_delta_bytes Bytes of the LUN held in its write delta.', '# TYPE bootrestore_lun_delta_bytes gauge');
   for (const l of luns) out.push(`bootrestore_lun_delta_bytes${labelText(l.labels)} ${formatNumber(l.deltaBytes ?? 0)}`);
+  out.push('# HELP bootrestore_lun_requests_in_flight Reads and writes started and not finished.', '# TYPE bootrestore_lun_requests_in_flight gauge');
+  for (const l of luns) {
+    out.push(`bootrestore_lun_requests_in_flight${labelText(l.labels, ['op', 'read'])} ${l.metrics.readsInFlight}`);
+    out.push(`bootrestore_lun_requests_in_flight${labelText(l.labels, ['op', 'write'])} ${l.metrics.writesInFlight}`);
+  }
 
   const histogram = (name: string, help: string, pick: (m: DeviceMetrics) => LatencyHistogram): void => {
     out.push(`# HELP ${name} ${help}`, `# TYPE ${name} histogram`);
