@@ -44,7 +44,11 @@ export interface BlockDevice {
   readonly identity: BlockDeviceIdentity;
   /** true when unmap() really deallocates (the target then advertises LBPU / LBPME). */
   readonly supportsUnmap: boolean;
-  /** Read `blocks` blocks from `lba`. The caller guarantees the range is within the device. */
+  /**
+   * Read `blocks` blocks from `lba`. The caller guarantees the range is within the device. The
+   * result may be shared with other readers (e.g. a view of a cached chunk): callers must never
+   * modify it. Implementations must not modify a `write` argument either.
+   */
   read(lba: number, blocks: number): Promise<Buffer>;
   /** Write whole blocks (data.length is a multiple of blockSize). */
   write(lba: number, data: Buffer, opts: WriteOptions): Promise<void>;

@@ -173,6 +173,9 @@ export class MountManager {
         // Stable per mount (survives restarts), different for two mounts of one restore point.
         identity: deriveIdentity(`mount\0${record.name}\0${record.createdAt}`, 'bootrestore RP'),
         logger: this.logger.child({ mount: record.name }),
+        // Reads inside one chunk are served as views of the cached chunk (BlockDevice.read's
+        // contract: callers never modify read results).
+        zeroCopyReads: true,
       });
     } catch (err) {
       await reader.close();

@@ -45,14 +45,19 @@ function forceUnitAccess(ctx: CommandContext, fuaBit: boolean): boolean {
   return fuaBit || !ctx.lu.mode.writeCacheEnabled;
 }
 
-/** READ(6/10/12/16) (SBC-3 5.8-5.11). `lengthByte`: where TRANSFER LENGTH starts, for the field pointer. */
-export async function read(ctx: CommandContext, lba: number, blocks: number, lengthByte: number): Promise<Outcome> {
+const dataInOutcome = (dataIn: Buffer): Outcome => ({ dataIn });
+
+/**
+ * READ(6/10/12/16) (SBC-3 5.8-5.11). `lengthByte`: where TRANSFER LENGTH starts, for the field pointer.
+ * Not async: a refused READ completes synchronously, a good one costs one promise beyond the device's.
+ */
+export function read(ctx: CommandContext, lba: number, blocks: number, lengthByte: number): Outcome | Promise<Outcome> {
   const lu = ctx.lu;
   const device = lu.device;
   if (lba + blocks > device.blockCount) return LBA_OUT_OF_RANGE;
   if (blocks > lu.maxTransferBlocks) return invalidCdbField(lengthByte);
   if (blocks === 0) return GOOD;
-  return { dataIn: await device.read(lba, blocks) };
+  return device.read(lba, blocks).then(dataInOutcome);
 }
 
 /** WRITE(6/10/12/16) and WRITE AND VERIFY(10/12/16) (SBC-3 5.29-5.35). */
@@ -335,8 +340,10 @@ export async function orWrite(ctx: CommandContext): Promise<Outcome> {
   if (arrivedBlocks === 0) return withLength(GOOD);
   const release = await lu.lock.acquire(lba, arrivedBlocks);
   try {
-    const merged = await device.read(lba, arrivedBlocks);
-    for (let i = 0; i < merged.length; i++) merged[i] = merged[i]! | data![i]!;
+    // The device's read result may be shared (a cached chunk): OR into a buffer of our own.
+    const stored = await device.read(lba, arrivedBlocks);
+    const merged = Buffer.allocUnsafe(stored.length);
+    for (let i = 0; i < merged.length; i++) merged[i] = stored[i]! | data![i]!;
     await device.write(lba, merged, { fua: forceUnitAccess(ctx, (cdb[1]! & 0x08) !== 0) });
   } finally {
     release();
