@@ -1,5 +1,5 @@
 import { open, type FileHandle } from 'node:fs/promises';
-import { constants as fsConstants } from 'node:fs';
+import { constants as fsConstants, read as readAt } from 'node:fs';
 import {
   StorageError,
   type BlockDevice,
@@ -18,6 +18,83 @@ export interface FileBlockDeviceOptions {
 /** Largest zero buffer written at once by unmap (bounded memory). */
 const ZERO_BATCH_BYTES = 1 << 20;
 
+/** Reads up to this size are carved from a shared slab instead of getting an ArrayBuffer each. */
+const SLAB_READ_MAX = 64 * 1024;
+const SLAB_BYTES = 128 * 1024;
+
+/**
+ * Read buffers for small requests, carved from 1 MiB slabs (the scheme of Node's own Buffer pool,
+ * which only serves < 4 KiB). A carved region is never handed out twice: a slab is dropped once
+ * full and lives on only as long as some read result still references it. One ArrayBuffer per
+ * 1 MiB instead of one per 4 KiB read keeps allocation and GC work off the random-read path.
+ */
+class ReadSlab {
+  private slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
+  private used = 0;
+
+  take(length: number): Buffer {
+    if (this.used + length > SLAB_BYTES) {
+      this.slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
+      this.used = 0;
+    }
+    const start = this.used;
+    // Keep regions 8-byte aligned (cheap, and friendly to any later typed-array view).
+    this.used = (start + length + 7) & ~7;
+    return this.slab.subarray(start, start + length);
+  }
+}
+
+/**
+ * One pending read with the callback API of node:fs (a single promise and no FileHandle
+ * bookkeeping per request, unlike FileHandle.read); short reads continue where they stopped.
+ */
+class PendingRead {
+  private done = 0;
+  private resolve!: (buf: Buffer) => void;
+  private reject!: (err: Error) => void;
+  readonly promise: Promise<Buffer>;
+
+  constructor(
+    private readonly fd: number,
+    private readonly buf: Buffer,
+    private readonly position: number,
+    private readonly path: string,
+    private readonly lba: number,
+  ) {
+    this.promise = new Promise<Buffer>((resolve, reject) => {
+      this.resolve = resolve;
+      this.reject = reject;
+    });
+    this.next();
+  }
+
+  private next(): void {
+    try {
+      readAt(this.fd, this.buf, this.done, this.buf.length - this.done, this.position + this.done, this.onRead);
+    } catch (err) {
+      // Argument errors are thrown, not called back (e.g. fd -1 once the device is closed).
+      this.onRead(err as NodeJS.ErrnoException, 0);
+    }
+  }
+
+  private readonly onRead = (err: NodeJS.ErrnoException | null, bytesRead: number): void => {
+    if (err) {
+      this.reject(
+        new StorageError(`read of ${this.path} at LBA ${this.lba} failed: ${err.message}`, 'medium-error', { cause: err }),
+      );
+      return;
+    }
+    if (bytesRead === 0) {
+      this.buf.fill(0, this.done); // the file shrank under us: the rest reads as zeroes
+      this.resolve(this.buf);
+      return;
+    }
+    this.done += bytesRead;
+    if (this.done < this.buf.length) this.next();
+    else this.resolve(this.buf);
+  };
+}
+
 /**
  * A LUN backed by a plain raw file (or block device node). Unmap writes zeroes (the file keeps
  * its allocation: Node has no fallocate(PUNCH_HOLE)); reads of unmapped blocks therefore return
@@ -27,6 +104,7 @@ export class FileBlockDevice implements BlockDevice {
   readonly blockSize: number;
   readonly supportsUnmap = true;
   private zeroBlock: Buffer | undefined;
+  private readonly slab = new ReadSlab();
 
   private constructor(
     private readonly handle: FileHandle,
@@ -65,25 +143,10 @@ export class FileBlockDevice implements BlockDevice {
     return new FileBlockDevice(handle, blockCount, opts.readOnly, opts.identity, blockSize, opts.path);
   }
 
-  async read(lba: number, blocks: number): Promise<Buffer> {
+  read(lba: number, blocks: number): Promise<Buffer> {
     const length = blocks * this.blockSize;
-    const buf = Buffer.allocUnsafe(length);
-    let done = 0;
-    try {
-      while (done < length) {
-        const { bytesRead } = await this.handle.read(buf, done, length - done, lba * this.blockSize + done);
-        if (bytesRead === 0) {
-          buf.fill(0, done); // the file shrank under us: the rest reads as zeroes
-          break;
-        }
-        done += bytesRead;
-      }
-    } catch (err) {
-      throw new StorageError(`read of ${this.path} at LBA ${lba} failed: ${(err as Error).message}`, 'medium-error', {
-        cause: err,
-      });
-    }
-    return buf;
+    const buf = length <= SLAB_READ_MAX ? this.slab.take(length) : Buffer.allocUnsafe(length);
+    return new PendingRead(this.handle.fd, buf, lba * this.blockSize, this.path, lba).promise;
   }
 
   async write(lba: number, data: Buffer, opts: WriteOptions): Promise<void> {

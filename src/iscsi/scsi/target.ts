@@ -148,21 +148,31 @@ export class ScsiTarget implements ScsiTargetPort, TargetServices {
     }
   }
 
-  async execute(cmd: ScsiCommand): Promise<ScsiResult> {
+  /**
+   * One promise per command at most: checks run synchronously, only the handler may be async, and
+   * its completion is chained once (no async/await layers on the READ/WRITE path).
+   */
+  execute(cmd: ScsiCommand): Promise<ScsiResult> {
     try {
-      return await this.dispatch(cmd);
+      const result = this.dispatch(cmd);
+      return result instanceof Promise ? result : Promise.resolve(result);
     } catch (err) {
-      const unit = this.units.get(cmd.lun);
-      if (isStorageError(err)) {
-        this.logger.warn({ err, lun: cmd.lun, opcode: cmd.cdb[0] }, 'storage error');
-        return this.toResult(fail(STORAGE_ERROR_REASONS[err.kind]), unit);
-      }
-      this.logger.error({ err, lun: cmd.lun, opcode: cmd.cdb[0] }, 'command failed unexpectedly');
-      return this.toResult(fail(SenseReason.InternalTargetFailure), unit);
+      return Promise.resolve(this.failureResult(cmd, err));
     }
   }
 
-  private async dispatch(cmd: ScsiCommand): Promise<ScsiResult> {
+  /** A handler threw or rejected: storage errors map to their sense reason, anything else to a target failure. */
+  private failureResult(cmd: ScsiCommand, err: unknown): ScsiResult {
+    const unit = this.units.get(cmd.lun);
+    if (isStorageError(err)) {
+      this.logger.warn({ err, lun: cmd.lun, opcode: cmd.cdb[0] }, 'storage error');
+      return this.toResult(fail(STORAGE_ERROR_REASONS[err.kind]), unit);
+    }
+    this.logger.error({ err, lun: cmd.lun, opcode: cmd.cdb[0] }, 'command failed unexpectedly');
+    return this.toResult(fail(SenseReason.InternalTargetFailure), unit);
+  }
+
+  private dispatch(cmd: ScsiCommand): ScsiResult | Promise<ScsiResult> {
     const cdb = cmd.cdb;
     if (cdb.length < 6) return this.toResult(fail(SenseReason.InvalidOpcode), undefined);
     const opcode = cdb[0]!;
@@ -208,15 +218,33 @@ export class ScsiTarget implements ScsiTargetPort, TargetServices {
       const protection = unit.writeProtection();
       if (protection !== undefined) return this.toResult(fail(protection), unit);
     }
-    if (cmd.signal?.aborted === true) return this.toResult(fail(SenseReason.TaskAborted), unit);
+    // No abort check here: nothing above waits, so a task aborted later is seen by the handlers
+    // that run long (they poll cmd.signal), and the transport never executes an aborted task.
+    // Reading cmd.signal would make the transport create an AbortController for every command.
 
     const ctx: CommandContext = { cmd, cdb, lu: unit, session, target: this, logger: this.logger };
     unit.commandStarted();
+    let outcome: Outcome | Promise<Outcome>;
     try {
-      return this.toResult(await spec.handler(ctx), unit);
-    } finally {
+      outcome = spec.handler(ctx);
+    } catch (err) {
       unit.commandFinished();
+      return this.failureResult(cmd, err);
     }
+    if (!(outcome instanceof Promise)) {
+      unit.commandFinished();
+      return this.toResult(outcome, unit);
+    }
+    return outcome.then(
+      (done) => {
+        unit.commandFinished();
+        return this.toResult(done, unit);
+      },
+      (err: unknown) => {
+        unit.commandFinished();
+        return this.failureResult(cmd, err);
+      },
+    );
   }
 
   /** A LUN that is not present (SPC-4 6.6.2, 6.33, 6.39; SAM-5 5.9.4). */

@@ -12,15 +12,27 @@ export function serialDiff(a: number, b: number): number {
 
 export type SubmitOutcome = 'delivered' | 'held' | 'ignored';
 
+/** A CmdSN taken as received without a command to run (ABORT TASK of a lost or held command). */
+const NOTHING_TO_RUN = (): void => undefined;
+
+/**
+ * Held commands live in a ring of `depth` slots: the slot of ExpCmdSN is `head`, a CmdSN d ahead
+ * of it sits d slots further. Every held CmdSN is inside the window, so slots never collide, and
+ * no Map entry is created per command.
+ */
 export class CommandWindow {
-  private readonly held = new Map<number, () => void>();
+  private readonly slots: Array<(() => void) | undefined>;
+  private head = 0;
+  private held = 0;
   private draining = false;
 
   constructor(
     private exp: number,
     /** Queue depth: MaxCmdSN = ExpCmdSN + depth - 1. */
     readonly depth: number,
-  ) {}
+  ) {
+    this.slots = new Array<(() => void) | undefined>(depth).fill(undefined);
+  }
 
   get expCmdSN(): number {
     return this.exp >>> 0;
@@ -32,7 +44,7 @@ export class CommandWindow {
 
   /** Number of commands held back waiting for a gap to fill. */
   get heldCount(): number {
-    return this.held.size;
+    return this.held;
   }
 
   inWindow(cmdSN: number): boolean {
@@ -40,32 +52,45 @@ export class CommandWindow {
     return d >= 0 && d < this.depth;
   }
 
+  /** Slot of an in-window CmdSN, or -1 outside the window. */
+  private slotOf(cmdSN: number): number {
+    const d = serialDiff(cmdSN, this.exp);
+    if (d < 0 || d >= this.depth) return -1;
+    const at = this.head + d;
+    return at >= this.depth ? at - this.depth : at;
+  }
+
   /** Offer a non-immediate command; `deliver` runs when it is its turn (maybe right now). */
   submit(cmdSN: number, deliver: () => void): SubmitOutcome {
-    const d = serialDiff(cmdSN, this.exp);
-    if (d < 0 || d >= this.depth || this.held.has(cmdSN >>> 0)) return 'ignored';
-    this.held.set(cmdSN >>> 0, deliver);
+    const slot = this.slotOf(cmdSN);
+    if (slot < 0 || this.slots[slot] !== undefined) return 'ignored';
+    this.slots[slot] = deliver;
+    this.held++;
     this.drain();
-    return this.held.has(cmdSN >>> 0) ? 'held' : 'delivered';
+    return this.slots[slot] === deliver && this.slotOf(cmdSN) === slot ? 'held' : 'delivered';
   }
 
   /** Consider `cmdSN` received without a command (ABORT TASK on a lost command, §11.5.1 b). */
   markReceived(cmdSN: number): void {
-    if (!this.inWindow(cmdSN) || this.held.has(cmdSN >>> 0)) return;
-    this.held.set(cmdSN >>> 0, () => undefined);
+    const slot = this.slotOf(cmdSN);
+    if (slot < 0 || this.slots[slot] !== undefined) return;
+    this.slots[slot] = NOTHING_TO_RUN;
+    this.held++;
     this.drain();
   }
 
   /** Drop a held command (aborted before its turn) while keeping its CmdSN as received. */
   cancelHeld(cmdSN: number): boolean {
-    if (!this.held.has(cmdSN >>> 0)) return false;
-    this.held.set(cmdSN >>> 0, () => undefined);
+    const slot = this.slotOf(cmdSN);
+    if (slot < 0 || this.slots[slot] === undefined) return false;
+    this.slots[slot] = NOTHING_TO_RUN;
     return true;
   }
 
   /** Forget everything held (session ending). */
   clear(): void {
-    this.held.clear();
+    this.slots.fill(undefined);
+    this.held = 0;
   }
 
   private drain(): void {
@@ -73,9 +98,11 @@ export class CommandWindow {
     this.draining = true;
     try {
       for (;;) {
-        const next = this.held.get(this.exp >>> 0);
-        if (!next) break;
-        this.held.delete(this.exp >>> 0);
+        const next = this.slots[this.head];
+        if (next === undefined) break;
+        this.slots[this.head] = undefined;
+        this.held--;
+        this.head = this.head + 1 === this.depth ? 0 : this.head + 1;
         this.exp = (this.exp + 1) >>> 0;
         next();
       }

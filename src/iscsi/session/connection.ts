@@ -47,6 +47,7 @@ import { encodeText, parseText, type TextPair } from '../login/text.js';
 import {
   ScsiStatus,
   TaskManagementFunction,
+  type Nexus,
   type ScsiCommand,
   type ScsiResult,
   type ScsiTargetPort,
@@ -100,11 +101,14 @@ interface ScsiTask {
   aborted: boolean;
   nextR2TOffset: number;
   r2tSN: number;
-  readonly r2ts: Map<number, OutstandingR2T>;
+  /** Outstanding R2Ts by TTT; created at the first R2T (most commands never need one). */
+  r2ts: Map<number, OutstandingR2T> | undefined;
   /** Created only when the SCSI layer looks at the command's signal (saves work per command). */
   abortController: AbortController | undefined;
 }
 
+/** Response bytes queued in the socket beyond which we stop reading new commands. */
+const MAX_QUEUED_RESPONSE_BYTES = 16 * 1024 * 1024;
 /** Largest Data-Out buffer we assemble for one command (bounded memory per command). */
 const MAX_WRITE_BUFFER = 128 * 1024 * 1024;
 const LOGIN_TIMEOUT_MS = 30_000;
@@ -143,6 +147,8 @@ export class Connection {
   private idleWaiters: Array<() => void> = [];
   private draining = false;
   private readPaused = false;
+  /** Scratch BHS for Data-In (the writer copies headers, so it is reused for every PDU). */
+  private readonly dataInHeader = Buffer.alloc(BHS_LENGTH);
   session: Session | undefined;
   cid = 0;
   logger: Logger;
@@ -212,6 +218,7 @@ export class Connection {
     if (this.state !== ConnectionState.Closed) {
       await new Promise<void>((resolve) => {
         this.socket.once('close', () => resolve());
+        this.writer.flushNow(); // staged responses go before the FIN
         this.socket.end();
         setTimeout(() => this.socket.destroy(), 1000).unref();
       });
@@ -523,7 +530,7 @@ export class Connection {
       aborted: false,
       nextR2TOffset: 0,
       r2tSN: 0,
-      r2ts: new Map(),
+      r2ts: undefined,
       abortController: undefined,
     };
     if (immediateLength > 0) {
@@ -568,19 +575,20 @@ export class Connection {
   private advanceWrite(task: ScsiTask): void {
     if (!task.delivered || task.executing || task.aborted) return;
     if (task.received >= task.writeLength) {
-      if (task.r2ts.size === 0) this.execute(task);
+      if (task.r2ts === undefined || task.r2ts.size === 0) this.execute(task);
       return;
     }
     if (!task.unsolicitedDone) return; // unsolicited Data-Out still coming (F bit not seen)
     const session = this.session!;
     const p = session.params;
-    if (task.nextR2TOffset < task.received && task.r2ts.size === 0) task.nextR2TOffset = task.received;
+    const r2ts = (task.r2ts ??= new Map());
+    if (task.nextR2TOffset < task.received && r2ts.size === 0) task.nextR2TOffset = task.received;
     this.writer.burst(() => {
-      while (task.r2ts.size < p.maxOutstandingR2T && task.nextR2TOffset < task.writeLength) {
+      while (r2ts.size < p.maxOutstandingR2T && task.nextR2TOffset < task.writeLength) {
         const offset = task.nextR2TOffset;
         const length = Math.min(p.maxBurstLength, task.writeLength - offset);
         const ttt = this.newTargetTransferTag();
-        task.r2ts.set(ttt, { offset, length, received: 0, nextDataSN: 0 });
+        r2ts.set(ttt, { offset, length, received: 0, nextDataSN: 0 });
         task.nextR2TOffset += length;
         this.writer.send(
           encodeReadyToTransfer({
@@ -631,7 +639,7 @@ export class Connection {
       if (task.unsolicitedDone || task.received >= task.writeLength) this.advanceWrite(task);
       return;
     }
-    const r2t = task.r2ts.get(f.ttt);
+    const r2t = task.r2ts?.get(f.ttt);
     if (!r2t || f.bufferOffset < r2t.offset || end > r2t.offset + r2t.length) {
       this.sendReject(RejectReason.InvalidPduField, pdu.bhs);
       return;
@@ -645,7 +653,7 @@ export class Connection {
     r2t.received += len;
     task.received += len;
     if (r2t.received >= r2t.length || f.final) {
-      task.r2ts.delete(f.ttt);
+      task.r2ts!.delete(f.ttt);
       this.advanceWrite(task);
     }
   }
@@ -665,24 +673,9 @@ export class Connection {
     const session = this.session!;
     const target = session.target!;
     task.executing = true;
-    const f = task.fields;
     let dataOut: Buffer | undefined;
     if (task.writeLength > 0) dataOut = task.immediateData ?? task.assembled;
-    const cmd: ScsiCommand = {
-      nexus: session.nexus,
-      lun: f.lun,
-      cdb: f.cdb,
-      taskAttribute: f.taskAttribute as TaskAttribute,
-      expectedDataLength: f.expectedDataLength,
-      ...(dataOut ? { dataOut } : {}),
-      get signal(): AbortSignal {
-        if (!task.abortController) {
-          task.abortController = new AbortController();
-          if (task.aborted) task.abortController.abort();
-        }
-        return task.abortController.signal;
-      },
-    };
+    const cmd = new TaskCommand(task, session.nexus, dataOut);
     this.inFlight++;
     let running: Promise<ScsiResult>;
     try {
@@ -690,25 +683,28 @@ export class Connection {
     } catch (err) {
       running = Promise.reject(err);
     }
-    running
-      .then(
-        (result) => this.complete(task, result),
-        (err: unknown) => {
-          this.logger.error({ err, itt: task.itt }, 'SCSI layer failed a command');
-          this.complete(task, undefined);
-        },
-      )
-      .catch((err: unknown) => {
-        this.logger.error({ err, itt: task.itt }, 'error sending a command response; closing');
-        this.destroy();
-      })
-      .finally(() => {
-        if (--this.inFlight === 0) {
-          const waiters = this.idleWaiters;
-          this.idleWaiters = [];
-          for (const w of waiters) w();
-        }
-      });
+    // One reaction per command: completion, contract breach and send errors all end here.
+    running.then(
+      (result) => this.finishCommand(task, result),
+      (err: unknown) => {
+        this.logger.error({ err, itt: task.itt }, 'SCSI layer failed a command');
+        this.finishCommand(task, undefined);
+      },
+    );
+  }
+
+  private finishCommand(task: ScsiTask, result: ScsiResult | undefined): void {
+    try {
+      this.complete(task, result);
+    } catch (err) {
+      this.logger.error({ err, itt: task.itt }, 'error sending a command response; closing');
+      this.destroy();
+    }
+    if (--this.inFlight === 0 && this.idleWaiters.length > 0) {
+      const waiters = this.idleWaiters;
+      this.idleWaiters = [];
+      for (const w of waiters) w();
+    }
   }
 
   /** Send Data-In and status for a finished command (§11.4, §11.7). */
@@ -721,15 +717,18 @@ export class Connection {
 
   /**
    * Flow control: when the initiator reads responses more slowly than we produce them, stop
-   * reading new PDUs until the socket drains, so queued response data stays bounded.
+   * reading new PDUs until the socket drains, so queued response data stays bounded. The bound is
+   * far above one turn's corked burst (a QD32 burst of 4 KiB reads is ~130 KiB, over the socket's
+   * 16 KiB highWaterMark), so a healthy initiator never pays a pause/resume per turn.
    */
   private applyBackpressure(): void {
-    if (this.readPaused || !this.socket.writableNeedDrain) return;
+    const socket = this.socket;
+    if (this.readPaused || socket.writableLength < MAX_QUEUED_RESPONSE_BYTES || !socket.writableNeedDrain) return;
     this.readPaused = true;
-    this.socket.pause();
-    this.socket.once('drain', () => {
+    socket.pause();
+    socket.once('drain', () => {
       this.readPaused = false;
-      if (this.state !== ConnectionState.Closed) this.socket.resume();
+      if (this.state !== ConnectionState.Closed) socket.resume();
     });
   }
 
@@ -839,23 +838,17 @@ export class Connection {
     const p = session.params;
     const segment = Math.max(512, p.initiatorMaxRecvDataSegmentLength);
     const burst = Math.max(segment, p.maxBurstLength);
-    // One allocation for all headers of this response.
+    // The writer copies each BHS as it is sent, so one scratch header serves every Data-In PDU.
+    const bhs = this.dataInHeader;
     let pduCount = 0;
-    for (let off = 0, used = 0; off < length; pduCount++) {
-      const n = Math.min(segment, length - off, burst - used);
-      off += n;
-      used = used + n === burst ? 0 : used + n;
-    }
-    const headers = Buffer.allocUnsafe(pduCount * BHS_LENGTH);
     let offset = 0;
     let usedInBurst = 0;
-    for (let i = 0; i < pduCount; i++) {
+    while (offset < length) {
       const n = Math.min(segment, length - offset, burst - usedInBurst);
       const last = offset + n === length;
       usedInBurst += n;
       const endOfSequence = last || usedInBurst === burst;
       if (usedInBurst === burst) usedInBurst = 0;
-      const bhs = headers.subarray(i * BHS_LENGTH, (i + 1) * BHS_LENGTH);
       const withStatus = last && collapse;
       encodeDataInInto(bhs, {
         final: endOfSequence,
@@ -866,14 +859,15 @@ export class Connection {
         statSN: withStatus ? this.statSN++ : 0,
         expCmdSN: session.window.expCmdSN,
         maxCmdSN: session.window.maxCmdSN,
-        dataSN: i,
+        dataSN: pduCount,
         bufferOffset: offset,
         overflow,
         underflow,
         residualCount,
       });
-      this.writer.send(bhs, data.subarray(offset, offset + n));
+      this.writer.send(bhs, offset === 0 && n === data.length ? data : data.subarray(offset, offset + n));
       offset += n;
+      pduCount++;
     }
     return pduCount;
   }
@@ -1147,6 +1141,7 @@ export class Connection {
   private closeAfterFlush(): void {
     this.reader.stop();
     if (this.state !== ConnectionState.Closed) this.state = ConnectionState.LoggedOut;
+    this.writer.flushNow(); // staged responses (Reject, Logout Response) go before the FIN
     this.socket.end();
     setTimeout(() => this.socket.destroy(), 2000).unref();
   }
@@ -1166,6 +1161,38 @@ export class Connection {
     this.textParts.clear();
     this.logger.debug('connection closed');
     this.host.connectionClosed(this);
+  }
+}
+
+/**
+ * The SCSI layer's view of a task (scsi-port.ts). A class rather than a literal with a getter: one
+ * hidden class for every command, and the AbortController exists only if a handler asks for it.
+ */
+class TaskCommand implements ScsiCommand {
+  readonly lun: number;
+  readonly cdb: Buffer;
+  readonly taskAttribute: TaskAttribute;
+  readonly expectedDataLength: number;
+
+  constructor(
+    private readonly task: ScsiTask,
+    readonly nexus: Nexus,
+    readonly dataOut: Buffer | undefined,
+  ) {
+    const f = task.fields;
+    this.lun = f.lun;
+    this.cdb = f.cdb;
+    this.taskAttribute = f.taskAttribute as TaskAttribute;
+    this.expectedDataLength = f.expectedDataLength;
+  }
+
+  get signal(): AbortSignal {
+    const task = this.task;
+    if (!task.abortController) {
+      task.abortController = new AbortController();
+      if (task.aborted) task.abortController.abort();
+    }
+    return task.abortController.signal;
   }
 }
 

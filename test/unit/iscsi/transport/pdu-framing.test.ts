@@ -8,7 +8,7 @@ import {
 } from '../../../../src/iscsi/pdu/bhs.js';
 import { RESERVED_TAG } from '../../../../src/iscsi/pdu/opcodes.js';
 import { FramingError, PduReader } from '../../../../src/iscsi/pdu/reader.js';
-import { PduWriter, type PduSink } from '../../../../src/iscsi/pdu/writer.js';
+import { COPY_MAX_BYTES, PduWriter, type PduSink } from '../../../../src/iscsi/pdu/writer.js';
 
 /** Deterministic PRNG (mulberry32) so a failing split pattern can be reproduced. */
 function prng(seed: number): () => number {
@@ -84,6 +84,7 @@ function buildStream(digests: boolean): { wire: Buffer; originals: Original[]; s
     writer.send(nop);
     originals.push({ bhs: Buffer.from(nop), ahs: Buffer.alloc(0), data: Buffer.alloc(0) });
   }
+  writer.flushNow(); // staged PDUs to the sink now (the writer would at the end of the turn)
   return { wire: sink.bytes(), originals, sink };
 }
 
@@ -191,14 +192,25 @@ describe('PDU reader framing', () => {
   });
 });
 
+/** Split a byte stream into PDUs with the reader (every PDU must be complete). */
+function splitPdus(wire: Buffer, digests: boolean): Pdu[] {
+  const { reader, pdus, digestErrors, framingErrors } = collect(digests, 1 << 24);
+  reader.push(wire);
+  expect(framingErrors).toEqual([]);
+  expect(digestErrors).toEqual([]);
+  expect(reader.bufferedBytes).toBe(0);
+  return pdus;
+}
+
 describe('PDU writer', () => {
-  it('corks once per event-loop turn and passes payload slices through without copying', async () => {
+  it('corks once per event-loop turn and passes large payload slices through without copying', async () => {
     const sink = new CaptureSink();
     const writer = new PduWriter(sink);
-    const payload = Buffer.alloc(10_000, 0x5a);
+    const slice = COPY_MAX_BYTES + 500;
+    const payload = Buffer.alloc(4 * slice, 0x5a);
     writer.burst(() => {
       for (let i = 0; i < 4; i++) {
-        writer.send(encodeNopOut({ immediate: true, lun: 0, itt: i, ttt: RESERVED_TAG, cmdSN: 0, expStatSN: 0 }), payload.subarray(i * 2500, (i + 1) * 2500));
+        writer.send(encodeNopOut({ immediate: true, lun: 0, itt: i, ttt: RESERVED_TAG, cmdSN: 0, expStatSN: 0 }), payload.subarray(i * slice, (i + 1) * slice));
       }
     });
     writer.send(encodeNopOut({ immediate: true, lun: 0, itt: 9, ttt: RESERVED_TAG, cmdSN: 0, expStatSN: 0 }));
@@ -208,13 +220,101 @@ describe('PDU writer', () => {
     expect(sink.uncorks).toBe(1);
     const shared = sink.chunks.filter((c) => c.buffer === payload.buffer);
     expect(shared.length).toBe(4);
-    expect(shared.map((c) => c.byteOffset - payload.byteOffset)).toEqual([0, 2500, 5000, 7500]);
+    expect(shared.map((c) => c.byteOffset - payload.byteOffset)).toEqual([0, slice, 2 * slice, 3 * slice]);
+    // Headers and the data-less PDU are staged: header, slice, header, slice, ..., last header.
+    expect(sink.chunks.length).toBe(9);
+    const pdus = splitPdus(sink.bytes(), false);
+    expect(pdus.map((p) => p.bhs.readUInt32BE(16))).toEqual([0, 1, 2, 3, 9]);
   });
 
-  it('pads data segments to 4 bytes and sets DataSegmentLength to the unpadded length', () => {
+  it('stages small PDUs of one turn into a single chunk, and a reused BHS buffer does not alter sent PDUs', async () => {
+    const sink = new CaptureSink();
+    const writer = new PduWriter(sink);
+    const bhs = Buffer.alloc(48);
+    for (let i = 0; i < 40; i++) {
+      encodeNopOut({ immediate: true, lun: 0, itt: i, ttt: RESERVED_TAG, cmdSN: 0, expStatSN: 0 }).copy(bhs);
+      writer.send(bhs, Buffer.alloc(4096 + (i % 4), i)); // data ≤ COPY_MAX_BYTES: copied
+    }
+    expect(sink.chunks.length).toBe(0); // nothing handed over before the turn ends
+    await new Promise((resolve) => setImmediate(resolve));
+    expect(sink.chunks.length).toBe(1); // 40 PDUs of ~4 KiB fit one 256 KiB slab
+    const pdus = splitPdus(sink.bytes(), false);
+    expect(pdus.length).toBe(40);
+    pdus.forEach((p, i) => {
+      expect(p.bhs.readUInt32BE(16)).toBe(i);
+      expect(p.data.length).toBe(4096 + (i % 4));
+      expect(p.data.every((b) => b === i)).toBe(true);
+    });
+  });
+
+  it('never rewrites a staged chunk the socket has not written, and reuses a slab once it has', async () => {
+    const pending: Array<() => void> = [];
+    const handed: Array<{ chunk: Buffer; copy: Buffer }> = [];
+    const sink: PduSink = {
+      destroyed: false,
+      cork: () => undefined,
+      uncork: () => undefined,
+      write(chunk: Buffer, done?: (err?: Error | null) => void): boolean {
+        handed.push({ chunk, copy: Buffer.from(chunk) });
+        if (done) pending.push(done);
+        return true;
+      },
+    };
+    const writer = new PduWriter(sink);
+    const sendTurn = async (tag: number): Promise<void> => {
+      for (let i = 0; i < 40; i++) {
+        writer.send(encodeNopOut({ immediate: true, lun: 0, itt: tag * 100 + i, ttt: RESERVED_TAG, cmdSN: 0, expStatSN: 0 }), Buffer.alloc(4096, (tag + i) & 0xff));
+      }
+      await new Promise((resolve) => setImmediate(resolve));
+    };
+    // Six turns of ~166 KiB without any write completing: slabs fill up and must not be rewritten.
+    for (let turn = 0; turn < 6; turn++) await sendTurn(turn);
+    expect(handed.every((h) => h.chunk.equals(h.copy))).toBe(true);
+    const slabsWhilePending = new Set(handed.map((h) => h.chunk.buffer)).size;
+    expect(slabsWhilePending).toBeGreaterThanOrEqual(4);
+    // The socket catches up: from now on the writer alternates between two slabs.
+    for (const done of pending.splice(0)) done();
+    const before = handed.length;
+    for (let turn = 6; turn < 12; turn++) {
+      await sendTurn(turn);
+      for (const done of pending.splice(0)) done();
+    }
+    const later = handed.slice(before);
+    expect(new Set(later.map((h) => h.chunk.buffer)).size).toBeLessThanOrEqual(3);
+    // Every PDU arrived intact and in order.
+    const pdus = splitPdus(Buffer.concat(handed.map((h) => h.copy)), false);
+    expect(pdus.length).toBe(12 * 40);
+    pdus.forEach((p, n) => {
+      const turn = Math.floor(n / 40);
+      const i = n % 40;
+      expect(p.bhs.readUInt32BE(16)).toBe(turn * 100 + i);
+      expect(p.data.every((b) => b === ((turn + i) & 0xff))).toBe(true);
+    });
+  });
+
+  it('large zero-copy segments keep padding and digests in order (header and data digests on)', async () => {
+    const sink = new CaptureSink();
+    const writer = new PduWriter(sink);
+    writer.headerDigest = true;
+    writer.dataDigest = true;
+    const sizes = [COPY_MAX_BYTES + 1, COPY_MAX_BYTES + 2, 100, COPY_MAX_BYTES + 3, 3 * COPY_MAX_BYTES];
+    const payloads = sizes.map((n, k) => Buffer.from(Array.from({ length: n }, (_, i) => (i * 13 + k) & 0xff)));
+    payloads.forEach((data, k) => {
+      const half = data.length >> 1;
+      const body = k % 2 === 0 ? data : [data.subarray(0, half), data.subarray(half)];
+      writer.send(encodeNopOut({ immediate: true, lun: 0, itt: k, ttt: RESERVED_TAG, cmdSN: 0, expStatSN: 0 }), body);
+    });
+    await new Promise((resolve) => setImmediate(resolve));
+    const pdus = splitPdus(sink.bytes(), true); // fails on any digest or framing error
+    expect(pdus.map((p) => p.bhs.readUInt32BE(16))).toEqual([0, 1, 2, 3, 4]);
+    pdus.forEach((p, k) => expect(p.data.equals(payloads[k]!)).toBe(true));
+  });
+
+  it('pads data segments to 4 bytes and sets DataSegmentLength to the unpadded length', async () => {
     const sink = new CaptureSink();
     const writer = new PduWriter(sink);
     writer.send(encodeNopOut({ immediate: true, lun: 0, itt: 1, ttt: RESERVED_TAG, cmdSN: 0, expStatSN: 0 }), Buffer.from('abcde'));
+    await new Promise((resolve) => setImmediate(resolve));
     const bytes = sink.bytes();
     expect(bytes.length).toBe(48 + 8);
     expect(bytes.readUIntBE(5, 3)).toBe(5);

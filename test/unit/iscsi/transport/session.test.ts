@@ -442,6 +442,7 @@ describe('digests on the wire', () => {
     const nop = encodeNopOut({ immediate: true, lun: 0, itt: 99, ttt: RESERVED_TAG, cmdSN: c.cmdSN, expStatSN: c.expStatSN });
     c.writer.dataDigest = false; // send a wrong digest by hand
     c.send(nop, Buffer.concat([Buffer.from('abcd'), Buffer.from([1, 2, 3, 4])]).subarray(0, 4));
+    c.writer.flushNow(); // the writer stages until the end of the turn; the bad digest must follow the PDU
     c.socket.write(Buffer.from([0xde, 0xad, 0xbe, 0xef]));
     c.writer.dataDigest = true;
     expect(decodeReject((await c.expectPdu(Opcode.Reject)).bhs).reason).toBe(RejectReason.DataDigestError);
