@@ -5,7 +5,7 @@
  *   npx esbuild bench/backup.ts --bundle --platform=node --format=esm --target=node20 \
  *     --packages=external --outfile=node_modules/.cache/bench-backup.mjs
  *   node node_modules/.cache/bench-backup.mjs [--size-mib 1024] [--chunk-sizes 64,256,1024,4096]
- *     [--no-restic] [--no-cold] [--random-reads 2000] [--json FILE] [--dir DIR]
+ *     [--no-restic] [--no-cold] [--random-reads 2000] [--json FILE] [--dir DIR] [--deflate-level 1]
  *
  * The image: 4 MiB regions, in a fixed pseudo-random order: 30% zero, 25% system files (bytes of
  * /usr/lib and /usr/bin), 10% log-like text, 15% copies of earlier data regions (duplicate files),
@@ -37,10 +37,11 @@ interface Options {
   randomReads: number;
   json: string | null;
   dir: string | null;
+  deflateLevel: number | undefined;
 }
 
 function parseOptions(argv: string[]): Options {
-  const o: Options = { sizeMib: 1024, chunkSizes: [64, 256, 1024, 4096], restic: true, cold: true, randomReads: 2000, json: null, dir: null };
+  const o: Options = { sizeMib: 1024, chunkSizes: [64, 256, 1024, 4096], restic: true, cold: true, randomReads: 2000, json: null, dir: null, deflateLevel: undefined };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = (): string => {
@@ -55,6 +56,7 @@ function parseOptions(argv: string[]): Options {
     else if (a === '--random-reads') o.randomReads = Number(next());
     else if (a === '--json') o.json = next();
     else if (a === '--dir') o.dir = next();
+    else if (a === '--deflate-level') o.deflateLevel = Number(next());
     else throw new Error(`unknown option ${a}`);
   }
   return o;
@@ -272,17 +274,17 @@ async function main(): Promise<void> {
       const repo = join(base, `repo-${kib}k`);
       process.stderr.write(`bootrestore ${kib} KiB: full backup ...\n`);
       let source: DiskSource = await RawSource.open(image);
-      const full = await backupSource(repo, source, { vm: 'bench', chunkSize: kib * 1024 });
+      const full = await backupSource(repo, source, { vm: 'bench', chunkSize: kib * 1024, compressionLevel: o.deflateLevel });
       await source.close();
       const fullStored = await duBytes(repo);
       const ranges = await modifyImage(image, size);
       source = await RawSource.open(image);
-      const inc = await backupSource(repo, source, { vm: 'bench' });
+      const inc = await backupSource(repo, source, { vm: 'bench', compressionLevel: o.deflateLevel });
       await source.close();
       const incStored = (await duBytes(repo)) - fullStored;
       // The same change again via changed-block tracking (reads only the listed ranges).
       source = await RawSource.open(image);
-      const cbt = await backupSource(repo, source, { vm: 'bench', changedBlocks: ranges });
+      const cbt = await backupSource(repo, source, { vm: 'bench', changedBlocks: ranges, compressionLevel: o.deflateLevel });
       await source.close();
       process.stderr.write(`bootrestore ${kib} KiB: reads ...\n`);
       const row: Row = {

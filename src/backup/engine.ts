@@ -35,6 +35,8 @@ export interface BackupOptions {
   readonly logger?: Logger;
   readonly concurrency?: number;
   readonly compress?: boolean;
+  /** zlib deflate level 1–9 for new chunks (default 1). */
+  readonly compressionLevel?: number;
   readonly onProgress?: (p: WriteProgress) => void;
 }
 
@@ -90,7 +92,13 @@ export async function backupSource(repoDir: string, source: DiskSource, options:
     const result = await session.write(
       { vm: options.vm, parent: parentId, imageSize, chunkSize, source: source.description, chunkContent },
       parent,
-      { logger, concurrency: options.concurrency, compress: options.compress, onProgress: options.onProgress },
+      {
+        logger,
+        concurrency: options.concurrency,
+        compress: options.compress,
+        compressionLevel: options.compressionLevel,
+        onProgress: options.onProgress,
+      },
     );
     return {
       ...result,

@@ -76,31 +76,67 @@ export interface EncodedChunk {
   readonly storedLength: number;
 }
 
+export interface EncodedChunkParts {
+  /** The 24-byte chunk header. */
+  readonly header: Buffer;
+  /** The stored payload (the content itself, or its deflated form): the file is header + payload. */
+  readonly payload: Buffer;
+  readonly compression: ChunkCompression;
+  readonly storedLength: number;
+}
+
+/** Default deflate level (see docs/repository-format.md, "Codec choice"); inflate is level-independent. */
+export const DEFAULT_DEFLATE_LEVEL = 1;
+
+export interface EncodeOptions {
+  /** Try deflate (default true). */
+  readonly compress?: boolean;
+  /** zlib level 1–9 (default DEFAULT_DEFLATE_LEVEL). Any level yields the same format. */
+  readonly level?: number;
+}
+
 /**
  * Build a chunk file: 24-byte header (magic, version, compression, uncompressed length, stored
  * length, CRC32 of the stored payload) followed by the payload. Deflate runs off the event loop.
  */
 export async function encodeChunk(data: Buffer, compress = true): Promise<EncodedChunk> {
+  const parts = await encodeChunkParts(data, { compress });
+  const file = Buffer.allocUnsafe(CHUNK_HEADER_SIZE + parts.payload.length);
+  parts.header.copy(file, 0);
+  parts.payload.copy(file, CHUNK_HEADER_SIZE);
+  return { file, compression: parts.compression, storedLength: parts.storedLength };
+}
+
+/**
+ * Like `encodeChunk`, but returns header and payload separately so that the writer can write them
+ * with one writev instead of copying the payload into a new buffer.
+ */
+export async function encodeChunkParts(data: Buffer, options: EncodeOptions = {}): Promise<EncodedChunkParts> {
   let payload = data;
   let compression = ChunkCompression.None;
-  if (compress && data.length > 0 && (await looksCompressible(data))) {
-    const deflated = await deflateRawAsync(data, { level: 1, strategy: zlibConstants.Z_DEFAULT_STRATEGY });
+  if ((options.compress ?? true) && data.length > 0 && (await looksCompressible(data))) {
+    // One output buffer of the chunk's size: zlib's default 16 KiB output steps cost one thread-pool
+    // round trip each. Output beyond 90 % of the input is discarded anyway.
+    const deflated = await deflateRawAsync(data, {
+      level: options.level ?? DEFAULT_DEFLATE_LEVEL,
+      strategy: zlibConstants.Z_DEFAULT_STRATEGY,
+      chunkSize: Math.max(zlibConstants.Z_MIN_CHUNK, data.length),
+    });
     if (deflated.length <= data.length * (1 - MIN_SAVING)) {
       payload = deflated;
       compression = ChunkCompression.Deflate;
     }
   }
-  const file = Buffer.allocUnsafe(CHUNK_HEADER_SIZE + payload.length);
-  file.writeUInt32LE(CHUNK_MAGIC, 0);
-  file.writeUInt8(CHUNK_FORMAT_VERSION, 4);
-  file.writeUInt8(compression, 5);
-  file.writeUInt16LE(0, 6);
-  file.writeUInt32LE(data.length, 8);
-  file.writeUInt32LE(payload.length, 12);
-  file.writeUInt32LE(crc32(payload), 16);
-  file.writeUInt32LE(0, 20);
-  payload.copy(file, CHUNK_HEADER_SIZE);
-  return { file, compression, storedLength: payload.length };
+  const header = Buffer.allocUnsafe(CHUNK_HEADER_SIZE);
+  header.writeUInt32LE(CHUNK_MAGIC, 0);
+  header.writeUInt8(CHUNK_FORMAT_VERSION, 4);
+  header.writeUInt8(compression, 5);
+  header.writeUInt16LE(0, 6);
+  header.writeUInt32LE(data.length, 8);
+  header.writeUInt32LE(payload.length, 12);
+  header.writeUInt32LE(crc32(payload), 16);
+  header.writeUInt32LE(0, 20);
+  return { header, payload, compression, storedLength: payload.length };
 }
 
 /**
@@ -137,7 +173,12 @@ export async function decodeChunk(
     data = payload;
   } else if (compression === ChunkCompression.Deflate) {
     try {
-      data = await inflateRawAsync(payload, { maxOutputLength: Math.max(1, uncompressedLength) });
+      // Output buffer of the expected size: one thread-pool round trip instead of one per 16 KiB.
+      data = await inflateRawAsync(payload, {
+        maxOutputLength: Math.max(1, uncompressedLength),
+        // + 64: room to see the end of the stream without another round trip.
+        chunkSize: Math.max(zlibConstants.Z_MIN_CHUNK, uncompressedLength + 64),
+      });
     } catch (err) {
       throw fail(`inflate failed: ${err instanceof Error ? err.message : String(err)}`);
     }

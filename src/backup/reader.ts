@@ -4,23 +4,60 @@
  */
 import { promises as fsp } from 'node:fs';
 import { CorruptChunkError, RepositoryError } from './errors.js';
-import { DIGEST_LENGTH, decodeChunk, isZeroDigest, type RestorePointIndex } from './format.js';
+import { CHUNK_HEADER_SIZE, DIGEST_LENGTH, MAX_CHUNK_SIZE, decodeChunk, isZeroDigest, type RestorePointIndex } from './format.js';
 import { Repository, errnoCode } from './repository.js';
 import type { RestorePointInfo, RestorePointReader } from './types.js';
 import { countZeroDigests, runBounded } from './writer.js';
 
-/** Read and verify one chunk file (CRC32, inflate, SHA-256): CorruptChunkError on any problem. */
-export async function readChunk(repo: Repository, digest: Buffer, length: number): Promise<Buffer> {
+/**
+ * Read and verify one chunk file (CRC32, inflate, SHA-256): CorruptChunkError on any problem.
+ *
+ * A valid chunk file is at most header + `length` bytes (a payload is stored deflated only if that
+ * is smaller), so one read into a buffer of that size + 1 gets all of it without the fstat and
+ * read loop of readFile; the extra byte detects a file longer than any valid one.
+ *
+ * `into` (optional, at least `chunkFileBufferSize(length)` bytes) is used instead of a new buffer, so
+ * a cache can recycle the memory of evicted chunks; the result of an uncompressed chunk is then a
+ * view of `into`, that of a deflated chunk a new buffer (`into` is scratch and free again).
+ */
+export async function readChunk(repo: Repository, digest: Buffer, length: number, into?: Buffer): Promise<Buffer> {
+  if (!Number.isSafeInteger(length) || length < 0 || length > MAX_CHUNK_SIZE) {
+    throw new RepositoryError(`chunk length ${length} is out of range (0..${MAX_CHUNK_SIZE})`);
+  }
   const hex = digest.toString('hex');
   const path = repo.chunkPath(hex);
   let file: Buffer;
   try {
-    file = await fsp.readFile(path);
+    const handle = await fsp.open(path, 'r');
+    try {
+      const size = chunkFileBufferSize(length);
+      const buffer = into !== undefined && into.length >= size ? into.subarray(0, size) : Buffer.allocUnsafe(size);
+      let filled = 0;
+      // A regular file returns everything in one read; loop only for short reads.
+      for (;;) {
+        const { bytesRead } = await handle.read(buffer, filled, buffer.length - filled, filled);
+        if (bytesRead === 0) break;
+        filled += bytesRead;
+        if (filled === buffer.length) break;
+      }
+      if (filled === buffer.length) {
+        throw new CorruptChunkError(hex, `file is longer than a chunk of ${length} bytes can be`, path);
+      }
+      file = buffer.subarray(0, filled);
+    } finally {
+      await handle.close();
+    }
   } catch (err) {
+    if (err instanceof CorruptChunkError) throw err;
     const reason = errnoCode(err) === 'ENOENT' ? 'chunk file is missing' : `cannot read: ${err instanceof Error ? err.message : String(err)}`;
     throw new CorruptChunkError(hex, reason, path);
   }
   return decodeChunk(file, digest, length, path);
+}
+
+/** Bytes `readChunk` needs to read the file of a chunk of `length` bytes (header + payload + 1). */
+export function chunkFileBufferSize(length: number): number {
+  return CHUNK_HEADER_SIZE + length + 1;
 }
 
 export function infoOf(index: RestorePointIndex): RestorePointInfo {
@@ -63,10 +100,10 @@ class RepositoryRestorePoint implements RestorePointReader {
     return this.loadChunkByDigest(digest, length);
   }
 
-  async loadChunkByDigest(digest: Buffer, length: number): Promise<Buffer> {
+  async loadChunkByDigest(digest: Buffer, length: number, into?: Buffer): Promise<Buffer> {
     if (this.closed) throw new RepositoryError(`restore point ${this.info.vm}/${this.info.id} is closed`);
     if (digest.length !== DIGEST_LENGTH) throw new RepositoryError(`digest must be ${DIGEST_LENGTH} bytes`);
-    return readChunk(this.repo, digest, length);
+    return readChunk(this.repo, digest, length, into);
   }
 
   async read(offset: number, length: number): Promise<Buffer> {

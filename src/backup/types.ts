@@ -57,8 +57,12 @@ export interface RestorePointReader {
    * does not match. Does no caching of its own.
    */
   loadChunk(index: number): Promise<Buffer>;
-  /** Load and verify the chunk with this digest (shared by restore points: the cache keys by it). */
-  loadChunkByDigest(digest: Buffer, length: number): Promise<Buffer>;
+  /**
+   * Load and verify the chunk with this digest (shared by restore points: the cache keys by it).
+   * `into` (optional): a buffer the implementation may read into instead of allocating; the result
+   * may then be a view of it (the caller owns `into` and must keep it unchanged while it uses the result).
+   */
+  loadChunkByDigest(digest: Buffer, length: number, into?: Buffer): Promise<Buffer>;
   /** Read any byte range (convenience; loads the chunks it needs concurrently). */
   read(offset: number, length: number): Promise<Buffer>;
   close(): Promise<void>;

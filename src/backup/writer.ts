@@ -16,7 +16,7 @@ import {
   DIGEST_LENGTH,
   ZERO_DIGEST,
   chunkCountFor,
-  encodeChunk,
+  encodeChunkParts,
   encodeIndex,
   isAllZero,
   isZeroDigest,
@@ -63,6 +63,8 @@ export interface WriteOptions {
   readonly concurrency?: number;
   /** Try deflate on each chunk (default true). */
   readonly compress?: boolean;
+  /** zlib deflate level 1–9 (default 1, docs/repository-format.md "Codec choice"). */
+  readonly compressionLevel?: number;
   readonly onProgress?: (p: WriteProgress) => void;
   /** Name of the command for lock/marker files (default "write"). */
   readonly command?: string;
@@ -196,6 +198,21 @@ export class WriteSession {
     let chunksDone = 0;
     const compress = options.compress ?? true;
 
+    const compressionLevel = options.compressionLevel;
+    if (compressionLevel !== undefined && (!Number.isInteger(compressionLevel) || compressionLevel < 1 || compressionLevel > 9)) {
+      throw new RepositoryError(`compression level ${compressionLevel} is invalid: use 1 to 9`);
+    }
+    // Chunk prefix directories present when the write starts, listed once. A chunk whose prefix
+    // directory was absent cannot have existed then: it needs neither the adoption probe (utimes,
+    // which fails with ENOENT for every new chunk of a fresh repository) nor a mkdir probe. A
+    // directory another writer creates meanwhile only means a chunk may be written twice
+    // (identical content, atomic rename): harmless.
+    const chunksDir = join(repo.dir, 'chunks');
+    const prefixDirsAtStart = new Set(await fsp.readdir(chunksDir).catch((err: unknown) => {
+      if (errnoCode(err) === 'ENOENT') return [];
+      throw err;
+    }));
+
     const batch = new DurableBatch(64, 64 * 1024 * 1024, (dir) => touchedDirs.add(dir));
     const storeChunk = async (hex: string, data: Buffer): Promise<'new' | 'dedup'> => {
       if (known.has(hex)) return 'dedup';
@@ -207,25 +224,30 @@ export class WriteSession {
       let result: 'new' | 'dedup' = 'dedup';
       const work = (async () => {
         const path = repo.chunkPath(hex);
+        const prefix = hex.slice(0, 4);
+        const dir = repo.chunkDir(hex);
         // An existing file is adopted; bumping its mtime tells a concurrent gc it is in use.
-        const now = new Date();
-        const exists = await fsp.utimes(path, now, now).then(
-          () => true,
-          (err: unknown) => {
-            if (errnoCode(err) === 'ENOENT') return false;
-            throw err;
-          },
-        );
+        let exists = false;
+        if (prefixDirsAtStart.has(prefix)) {
+          const now = new Date();
+          exists = await fsp.utimes(path, now, now).then(
+            () => true,
+            (err: unknown) => {
+              if (errnoCode(err) === 'ENOENT') return false;
+              throw err;
+            },
+          );
+        }
         if (exists) {
           adopted.add(hex);
         } else {
-          const dir = repo.chunkDir(hex);
-          if (!createdDirs.has(dir)) {
+          // gc never removes prefix directories: one listed at the start still exists.
+          if (!createdDirs.has(dir) && !prefixDirsAtStart.has(prefix)) {
             await fsp.mkdir(dir, { recursive: true });
             createdDirs.add(dir);
           }
-          const encoded = await encodeChunk(data, compress);
-          await batch.add(path, dir, encoded.file);
+          const encoded = await encodeChunkParts(data, { compress, level: compressionLevel });
+          await batch.add(path, dir, encoded.header, encoded.payload);
           newBytesUncompressed += data.length;
           newBytesStored += encoded.storedLength;
           result = 'new';
@@ -401,7 +423,12 @@ interface PendingFile {
 class DurableBatch {
   private pending: PendingFile[] = [];
   private pendingBytes = 0;
+  /** Tail of the chain of flushes (they run one at a time, in order); never rejects. */
   private flushing: Promise<void> = Promise.resolve();
+  /** Flushes started and not yet finished. */
+  private flushesInFlight = 0;
+  /** The first flush failure: later flushes discard their files and report it. */
+  private failure: { error: unknown } | null = null;
 
   constructor(
     private readonly maxFiles: number,
@@ -409,28 +436,62 @@ class DurableBatch {
     private readonly onRenamed: (dir: string) => void,
   ) {}
 
-  async add(final: string, dir: string, data: Buffer): Promise<void> {
+  /** Write `header` + `payload` (one writev) to a temporary file; durable and renamed at the next flush. */
+  async add(final: string, dir: string, header: Buffer, payload: Buffer): Promise<void> {
     const tmp = `${final}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
     const handle = await fsp.open(tmp, 'wx', 0o644);
+    const size = header.length + payload.length;
     try {
-      await handle.writeFile(data);
+      let written = (await handle.writev([header, payload], 0)).bytesWritten;
+      // writev to a regular file writes everything at once; finish a short write all the same.
+      while (written < size) {
+        const rest = Buffer.concat([header, payload]).subarray(written);
+        written += (await handle.write(rest, 0, rest.length, written)).bytesWritten;
+      }
     } catch (err) {
       await handle.close().catch(() => undefined);
       await fsp.rm(tmp, { force: true }).catch(() => undefined);
       throw err;
     }
     this.pending.push({ handle, tmp, final, dir });
-    this.pendingBytes += data.length;
-    if (this.pending.length >= this.maxFiles || this.pendingBytes >= this.maxBytes) await this.flush();
+    this.pendingBytes += size;
+    if (this.pending.length >= this.maxFiles || this.pendingBytes >= this.maxBytes) {
+      // The batch syncs in the background while chunks keep being read, hashed and compressed.
+      // Back-pressure: with one more batch already waiting behind the running one, wait for it.
+      const flushed = this.flush();
+      if (this.flushesInFlight > 2) await flushed;
+    }
   }
 
-  /** Make every file added so far durable and rename it into place (flushes run one at a time). */
+  /**
+   * Make every file added so far durable and rename it into place. Flushes run one at a time, in
+   * order; the returned promise rejects with the first failure of this or any earlier flush.
+   */
   flush(): Promise<void> {
     const files = this.pending;
     this.pending = [];
     this.pendingBytes = 0;
-    this.flushing = this.flushing.then(() => this.syncAndRename(files));
-    return this.flushing;
+    this.flushesInFlight++;
+    const run = this.flushing.then(async () => {
+      try {
+        if (this.failure !== null) {
+          await discardFiles(files);
+          throw this.failure.error;
+        }
+        try {
+          await this.syncAndRename(files);
+        } catch (error) {
+          this.failure ??= { error };
+          throw error;
+        }
+      } finally {
+        this.flushesInFlight--;
+      }
+    });
+    // Handled here so that a background flush nobody awaits is no unhandled rejection; its error
+    // reaches the writer through the next add's back-pressure wait or the final flush().
+    this.flushing = run.catch(() => undefined);
+    return run;
   }
 
   /** After a failure: close and delete files not yet renamed. */
@@ -445,19 +506,26 @@ class DurableBatch {
   }
 
   private async syncAndRename(files: PendingFile[]): Promise<void> {
+    let renamed = 0;
     try {
       await runBounded(files.length, 32, (k) => files[k]!.handle.datasync());
-    } catch (err) {
+      for (const f of files) await f.handle.close();
       for (const f of files) {
-        await f.handle.close().catch(() => undefined);
-        await fsp.rm(f.tmp, { force: true }).catch(() => undefined);
+        await fsp.rename(f.tmp, f.final);
+        renamed++;
+        this.onRenamed(f.dir);
       }
+    } catch (err) {
+      await discardFiles(files.slice(renamed));
       throw err;
     }
-    for (const f of files) await f.handle.close();
-    for (const f of files) {
-      await fsp.rename(f.tmp, f.final);
-      this.onRenamed(f.dir);
-    }
+  }
+}
+
+/** Close (if still open) and delete temporary chunk files that were not renamed into place. */
+async function discardFiles(files: readonly PendingFile[]): Promise<void> {
+  for (const f of files) {
+    await f.handle.close().catch(() => undefined);
+    await fsp.rm(f.tmp, { force: true }).catch(() => undefined);
   }
 }

@@ -5,6 +5,7 @@
  */
 import { type BlockDevice, type BlockDeviceIdentity, type LbaRange, type LbaStatus, StorageError, type WriteOptions } from '../block-device.js';
 import type { RestorePointReader } from '../backup/types.js';
+import { chunkFileBufferSize } from '../backup/reader.js';
 import type { ChunkContent, RestorePointSpec } from '../backup/writer.js';
 import { CorruptChunkError } from '../backup/errors.js';
 import type { Logger } from '../log.js';
@@ -356,7 +357,11 @@ export class BackupBlockDevice implements BlockDevice {
       const chunk = hit !== undefined ? hit : await this.loadChunk(first);
       if (chunk === null) return Buffer.alloc(length);
       const from = start - first * this.chunkSize;
-      if (from + length <= chunk.length) return chunk.subarray(from, from + length);
+      if (from + length <= chunk.length) {
+        // The view leaves this module: the cache must never reuse this chunk's memory.
+        this.cache.noteEscaped(chunk);
+        return chunk.subarray(from, from + length);
+      }
       // The zero-padded tail of an image whose size is not a multiple of 512.
       const out = Buffer.alloc(length);
       if (from < chunk.length) chunk.copy(out, 0, from, chunk.length);
@@ -405,14 +410,19 @@ export class BackupBlockDevice implements BlockDevice {
     if (digest === null) return null;
     this.metrics.cacheMisses++;
     const key = this.keyFor(index, digest);
-    return this.cache.get(key, this.mountId, this.loaderFor(index, digest, key));
+    return this.cache.get(key, this.mountId, this.loaderFor(index, digest, key), this.loadBufferBytes(index));
   }
 
-  private loaderFor(index: number, digest: Buffer, key: string): () => Promise<Buffer> {
-    return async () => {
+  /** Size of the recyclable buffer a chunk load reads the chunk file into (one size for every chunk, also a short last one). */
+  private loadBufferBytes(_index: number): number {
+    return chunkFileBufferSize(this.chunkSize);
+  }
+
+  private loaderFor(index: number, digest: Buffer, key: string): (into: Buffer | undefined) => Promise<Buffer> {
+    return async (into) => {
       let data: Buffer;
       try {
-        data = await this.reader.loadChunkByDigest(digest, this.reader.chunkLength(index));
+        data = await this.reader.loadChunkByDigest(digest, this.reader.chunkLength(index), into);
       } catch (err) {
         this.logger.error({ err, mount: this.mountId, chunk: index, digest: key }, 'chunk load failed');
         if (err instanceof StorageError) throw err;
@@ -458,7 +468,7 @@ export class BackupBlockDevice implements BlockDevice {
       const digest = this.reader.chunkDigest(index);
       if (digest === null) continue;
       const key = this.keyFor(index, digest);
-      if (this.cache.prefetch(key, this.mountId, this.loaderFor(index, digest, key))) this.metrics.readAheadChunks++;
+      if (this.cache.prefetch(key, this.mountId, this.loaderFor(index, digest, key), this.loadBufferBytes(index))) this.metrics.readAheadChunks++;
     }
     if (to > this.prefetchedUpTo) this.prefetchedUpTo = to;
   }

@@ -8,12 +8,20 @@
  * - Loads are bounded (`maxConcurrentLoads`): memory use is at most maxBytes + maxConcurrentLoads × chunk size
  *   (plus buffers still referenced by callers).
  * - Never blocks the event loop: loading (read + inflate + verify) is the reader's async work.
+ * - Recycles memory: a load may be given a buffer of an evicted chunk to read into (`bufferBytes`), so a
+ *   long sequential read does not leave a trail of evicted chunks for the garbage collector (they are
+ *   old-generation objects by then and would pile up to ~64 MiB before V8 collects them). A buffer is
+ *   reused only if no view of it escaped (`noteEscaped`) and only from the next event-loop turn on,
+ *   after every waiter of its load has copied what it needed.
  */
 import { LRUCache } from 'lru-cache';
 import type { Logger } from '../log.js';
 
-/** Loads one verified, decompressed chunk (normally `RestorePointReader.loadChunkByDigest`). */
-export type ChunkLoader = () => Promise<Buffer>;
+/**
+ * Loads one verified, decompressed chunk (normally `RestorePointReader.loadChunkByDigest`). `into`, when
+ * given, is a recycled buffer the loader may read into; the result may be a view of it.
+ */
+export type ChunkLoader = (into: Buffer | undefined) => Promise<Buffer>;
 
 export interface ChunkCacheOptions {
   /** Upper bound of cached bytes (decompressed chunk lengths). */
@@ -46,6 +54,8 @@ export interface ChunkCacheStats {
   readonly loadsQueued: number;
   /** Entries currently cached that were used by two or more distinct mounts (shared chunks). */
   readonly sharedEntries: number;
+  /** Loads that read into a recycled buffer of an evicted chunk instead of a new one. */
+  readonly recycledBuffers: number;
   /** Hits by a mount on an entry first loaded by another mount. */
   readonly crossMountHits: number;
   /** Per mount: hits, misses and cross-mount hits. */
@@ -54,6 +64,8 @@ export interface ChunkCacheStats {
 
 interface CacheEntry {
   readonly data: Buffer;
+  /** The recycled-pool buffer `data` is a view of (returned to the pool on eviction), if any. */
+  readonly slot: Buffer | undefined;
   /** Mount that caused the load. */
   readonly loadedBy: string;
   /** Distinct mounts that used this entry (small: a handful of mounts share a chunk). */
@@ -77,6 +89,15 @@ export class ChunkCache {
   private readonly logger: Logger;
   private readonly mountCounters = new Map<string, MountCounters>();
   private sharedEntryCount = 0;
+  /** Free recyclable buffers by size (bounded: `maxFreeBuffers` per size). */
+  private readonly freeBuffers = new Map<number, Buffer[]>();
+  private readonly maxFreeBuffers: number;
+  /** Buffers of evicted entries, free again from the next event-loop turn (see `retire`). */
+  private retiring: Buffer[] = [];
+  private retireScheduled = false;
+  /** Backing stores of cached chunks that were handed out as views: never recycled. */
+  private readonly escaped = new WeakSet<ArrayBufferLike>();
+  private recycledBuffers = 0;
   private counters = {
     hits: 0,
     misses: 0,
@@ -96,6 +117,7 @@ export class ChunkCache {
     this.maxBytes = options.maxBytes;
     this.maxConcurrentLoads = Math.max(1, options.maxConcurrentLoads ?? 8);
     this.logger = options.logger;
+    this.maxFreeBuffers = this.maxConcurrentLoads + 2;
     this.lru = new LRUCache<string, CacheEntry>({
       maxSize: options.maxBytes,
       maxEntrySize: options.maxBytes,
@@ -103,6 +125,7 @@ export class ChunkCache {
       dispose: (entry, _key, reason) => {
         if (entry.users.size >= 2) this.sharedEntryCount--;
         if (reason === 'evict') this.counters.evictions++;
+        if (entry.slot !== undefined) this.retire(entry.slot);
       },
     });
   }
@@ -122,7 +145,7 @@ export class ChunkCache {
    * The chunk with this key, loading it once if absent (concurrent callers share the load).
    * The returned buffer is shared: callers must not modify it.
    */
-  get(key: string, mount: string, load: ChunkLoader): Promise<Buffer> {
+  get(key: string, mount: string, load: ChunkLoader, bufferBytes = 0): Promise<Buffer> {
     const cached = this.getCached(key, mount);
     if (cached !== undefined) return Promise.resolve(cached);
     const counters = this.countersFor(mount);
@@ -133,24 +156,32 @@ export class ChunkCache {
       this.counters.joinedLoads++;
       return pending;
     }
-    return this.startLoad(key, mount, load, false);
+    return this.startLoad(key, mount, load, false, bufferBytes);
   }
 
   /**
    * Start loading a chunk in the background if it is neither cached nor loading and a load slot is
    * free (prefetch never queues behind demand loads). Returns whether a load was started.
    */
-  prefetch(key: string, mount: string, load: ChunkLoader): boolean {
+  prefetch(key: string, mount: string, load: ChunkLoader, bufferBytes = 0): boolean {
     if (this.lru.has(key) || this.inFlight.has(key) || this.runningLoads >= this.maxConcurrentLoads) {
       this.counters.prefetchSkipped++;
       return false;
     }
     this.counters.prefetchLoads++;
-    this.startLoad(key, mount, load, true).catch((err: unknown) => {
+    this.startLoad(key, mount, load, true, bufferBytes).catch((err: unknown) => {
       // The demand read of this chunk (if any) reports the error; a failed prefetch only logs.
       this.logger.debug({ err, chunk: key }, 'prefetch failed');
     });
     return true;
+  }
+
+  /**
+   * A view of `chunk` (a buffer this cache returned) leaves the caller's synchronous code (for example it
+   * is returned as a read result): its memory must never be reused for another chunk.
+   */
+  noteEscaped(chunk: Buffer): void {
+    this.escaped.add(chunk.buffer);
   }
 
   has(key: string): boolean {
@@ -168,6 +199,7 @@ export class ChunkCache {
       loadsInFlight: this.runningLoads,
       loadsQueued: this.loadQueue.length,
       sharedEntries: this.sharedEntryCount,
+      recycledBuffers: this.recycledBuffers,
       byMount,
     };
   }
@@ -209,8 +241,8 @@ export class ChunkCache {
     return c;
   }
 
-  private startLoad(key: string, mount: string, load: ChunkLoader, prefetched: boolean): Promise<Buffer> {
-    const promise = this.runLoad(key, mount, load, prefetched);
+  private startLoad(key: string, mount: string, load: ChunkLoader, prefetched: boolean, bufferBytes: number): Promise<Buffer> {
+    const promise = this.runLoad(key, mount, load, prefetched, bufferBytes);
     this.inFlight.set(key, promise);
     // Clean up whichever way the load ends; the caller handles the rejection.
     promise.then(
@@ -220,13 +252,18 @@ export class ChunkCache {
     return promise;
   }
 
-  private async runLoad(key: string, mount: string, load: ChunkLoader, prefetched: boolean): Promise<Buffer> {
+  private async runLoad(key: string, mount: string, load: ChunkLoader, prefetched: boolean, bufferBytes: number): Promise<Buffer> {
     await this.acquireLoadSlot();
     this.counters.loads++;
+    const scratch = bufferBytes > 0 ? this.takeBuffer(bufferBytes) : undefined;
     try {
-      const data = await load();
+      const data = await load(scratch);
       this.counters.bytesDecompressed += data.length;
-      const entry: CacheEntry = { data, loadedBy: mount, users: new Set([mount]), prefetched };
+      // The loader either read the chunk into `scratch` (the entry owns it now) or returned a buffer of
+      // its own (a deflated chunk): then `scratch` was only read into and is free again.
+      const owned = scratch !== undefined && data.buffer === scratch.buffer;
+      if (scratch !== undefined && !owned) this.putFree(scratch);
+      const entry: CacheEntry = { data, slot: owned ? scratch : undefined, loadedBy: mount, users: new Set([mount]), prefetched };
       // lru-cache ignores entries larger than maxEntrySize; the caller still gets the data.
       this.lru.set(key, entry);
       return data;
@@ -236,6 +273,43 @@ export class ChunkCache {
     } finally {
       this.releaseLoadSlot();
     }
+  }
+
+  /** A buffer of exactly `bytes` bytes: a recycled one if free, else a new one (not from Node's pool). */
+  private takeBuffer(bytes: number): Buffer {
+    const free = this.freeBuffers.get(bytes);
+    const recycled = free?.pop();
+    if (recycled !== undefined) {
+      this.recycledBuffers++;
+      return recycled;
+    }
+    return Buffer.allocUnsafeSlow(bytes);
+  }
+
+  private putFree(buffer: Buffer): void {
+    let free = this.freeBuffers.get(buffer.length);
+    if (free === undefined) {
+      free = [];
+      this.freeBuffers.set(buffer.length, free);
+    }
+    if (free.length < this.maxFreeBuffers) free.push(buffer);
+  }
+
+  /**
+   * An evicted entry's buffer becomes free on the next turn of the event loop: waiters of the load that
+   * filled it copy from it in promise reactions of the current turn. Buffers with escaped views are
+   * left to the garbage collector.
+   */
+  private retire(slot: Buffer): void {
+    this.retiring.push(slot);
+    if (this.retireScheduled) return;
+    this.retireScheduled = true;
+    setImmediate(() => {
+      this.retireScheduled = false;
+      const retiring = this.retiring;
+      this.retiring = [];
+      for (const buffer of retiring) if (!this.escaped.has(buffer.buffer)) this.putFree(buffer);
+    });
   }
 
   private acquireLoadSlot(): Promise<void> | void {

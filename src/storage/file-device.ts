@@ -23,10 +23,10 @@ const SLAB_READ_MAX = 64 * 1024;
 const SLAB_BYTES = 128 * 1024;
 
 /**
- * Read buffers for small requests, carved from 1 MiB slabs (the scheme of Node's own Buffer pool,
+ * Read buffers for small requests, carved from 128 KiB slabs (the scheme of Node's own Buffer pool,
  * which only serves < 4 KiB). A carved region is never handed out twice: a slab is dropped once
  * full and lives on only as long as some read result still references it. One ArrayBuffer per
- * 1 MiB instead of one per 4 KiB read keeps allocation and GC work off the random-read path.
+ * 128 KiB instead of one per 4 KiB read keeps allocation and GC work off the random-read path.
  */
 class ReadSlab {
   private slab = Buffer.allocUnsafeSlow(SLAB_BYTES);
