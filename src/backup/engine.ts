@@ -14,7 +14,7 @@ import { WriteSession, checkChunkSize, type ChunkContent, type WriteProgress, ty
 /**
  * Default chunk size: 256 KiB, chosen from bench/backup.ts on a 1 GiB image (docs/repository-format.md,
  * "Measurements"). Against 64 KiB it writes 3.5x fewer chunk files (4M files per TiB instead of 16M)
- * and backs up ~1.8x faster here; against 1 MiB a random 4 KiB read loads 4x less, a ~1 % change
+ * and backs up ~1.8x faster here (84 vs 47 MB/s, run 3); against 1 MiB a random 4 KiB read loads 4x less, a ~1 % change
  * stores 3x less, and a cold boot fetches far less than the 130 MiB that 1 MiB chunks cost for the
  * 52 MiB a Debian boot reads (/work/shared/notes/testing-here.md). Boot-latency-critical VMs can use
  * `--chunk-size 64K` (61 MiB for that boot, best random reads, slowest backup).
