@@ -42,7 +42,10 @@ export interface BlockDevice {
   readonly blockCount: number;
   readonly readOnly: boolean;
   readonly identity: BlockDeviceIdentity;
-  /** true when unmap() really deallocates (the target then advertises LBPU / LBPME). */
+  /**
+   * true when unmap() is supported and later reads of unmapped blocks return zeroes (the target
+   * then advertises LBPME/LBPRZ and accepts UNMAP / WRITE SAME with UNMAP).
+   */
   readonly supportsUnmap: boolean;
   /**
    * Read `blocks` blocks from `lba`. The caller guarantees the range is within the device. The

@@ -7,7 +7,7 @@ import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { RepositoryError, SourceError } from './errors.js';
 import { chunkCountFor } from './format.js';
-import { Repository } from './repository.js';
+import { Repository, checkVmName } from './repository.js';
 import type { DiskSource } from './types.js';
 import { WriteSession, checkChunkSize, type ChunkContent, type WriteProgress, type WriteResult } from './writer.js';
 
@@ -47,9 +47,10 @@ export interface BackupResult extends WriteResult {
 
 export async function backupSource(repoDir: string, source: DiskSource, options: BackupOptions): Promise<BackupResult> {
   const logger = options.logger ?? silentLogger();
-  const { repo, created } = await Repository.openOrCreate(repoDir);
-  repo.vmDir(options.vm); // validates the VM name before anything is locked
+  // Refuse bad arguments before anything is created on disk.
   if (options.chunkSize !== undefined) checkChunkSize(options.chunkSize);
+  checkVmName(options.vm);
+  const { repo, created } = await Repository.openOrCreate(repoDir);
   const session = await WriteSession.begin(repo, options.vm, 'backup');
   try {
     const ids = await repo.listPointIds(options.vm);

@@ -171,6 +171,9 @@ export interface RestorePointListing {
 export async function listRestorePointsDetailed(repoDir: string, vm?: string): Promise<RestorePointListing> {
   const repo = await Repository.open(repoDir);
   const vms = vm === undefined ? await repo.listVms() : [vm];
+  if (vm !== undefined && (await repo.listPointIds(vm)).length === 0) {
+    throw new RepositoryError(`VM "${vm}" has no restore points in ${repoDir}`);
+  }
   const points: RestorePointInfo[] = [];
   const broken: BrokenIndex[] = [];
   for (const v of vms) {

@@ -1,6 +1,7 @@
 /**
- * Public types of the backup module. `src/cache` depends only on `RestorePointReader` and
- * `ChunkStoreReader`; the source parsers (raw, qcow2, VMDK) implement `DiskSource`.
+ * Public types of the backup module. `src/cache` uses `RestorePointReader` (plus the reader's
+ * `chunkFileBufferSize`, the writer's `RestorePointSpec`/`ChunkContent` and `CorruptChunkError`);
+ * the source parsers (raw, qcow2, VMDK) implement `DiskSource`.
  */
 
 /** A disk image opened for reading by one of our parsers (raw, qcow2, VMDK). */

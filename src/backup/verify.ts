@@ -4,7 +4,7 @@
  */
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
-import { CorruptChunkError } from './errors.js';
+import { CorruptChunkError, RepositoryError } from './errors.js';
 import { DIGEST_LENGTH, isZeroDigest } from './format.js';
 import { readChunk, type BrokenIndex } from './reader.js';
 import { Repository } from './repository.js';
@@ -41,6 +41,9 @@ export async function verifyRepository(repoDir: string, options: VerifyOptions =
   const started = performance.now();
   const repo = await Repository.open(repoDir);
   const vms = options.vm === undefined ? await repo.listVms() : [options.vm];
+  if (options.vm !== undefined && (await repo.listPointIds(options.vm)).length === 0) {
+    throw new RepositoryError(`VM "${options.vm}" has no restore points in ${repoDir}`);
+  }
   const brokenIndexes: BrokenIndex[] = [];
   /** digest hex → { length, referencing points } */
   const chunks = new Map<string, { length: number; points: string[] }>();

@@ -12,12 +12,15 @@ export interface FlagSpec {
   readonly values?: readonly string[];
   /** Boolean flags (`--json`). */
   readonly booleans?: readonly string[];
+  /** Flags that take a value and may repeat (`--initiator A --initiator B`). */
+  readonly lists?: readonly string[];
 }
 
 export interface ParsedArgs {
   readonly positionals: string[];
   readonly values: Map<string, string>;
   readonly booleans: Set<string>;
+  readonly lists: Map<string, string[]>;
 }
 
 export function parseArgs(argv: readonly string[], spec: FlagSpec): ParsedArgs {
@@ -26,6 +29,8 @@ export function parseArgs(argv: readonly string[], spec: FlagSpec): ParsedArgs {
   const positionals: string[] = [];
   const valueFlags = new Set(spec.values ?? []);
   const boolFlags = new Set(spec.booleans ?? []);
+  const listFlags = new Set(spec.lists ?? []);
+  const lists = new Map<string, string[]>();
   for (let i = 0; i < argv.length; i++) {
     const arg = argv[i]!;
     if (arg === '--') {
@@ -42,6 +47,10 @@ export function parseArgs(argv: readonly string[], spec: FlagSpec): ParsedArgs {
       const value = eq >= 0 ? arg.slice(eq + 1) : argv[++i];
       if (value === undefined) throw new UsageError(`--${name} needs a value`);
       values.set(name, value);
+    } else if (listFlags.has(name)) {
+      const value = eq >= 0 ? arg.slice(eq + 1) : argv[++i];
+      if (value === undefined) throw new UsageError(`--${name} needs a value`);
+      lists.set(name, [...(lists.get(name) ?? []), value]);
     } else if (boolFlags.has(name)) {
       if (eq >= 0) throw new UsageError(`--${name} takes no value`);
       booleans.add(name);
@@ -49,7 +58,7 @@ export function parseArgs(argv: readonly string[], spec: FlagSpec): ParsedArgs {
       throw new UsageError(`unknown option --${name}`);
     }
   }
-  return { positionals, values, booleans };
+  return { positionals, values, booleans, lists };
 }
 
 export function requireValue(args: ParsedArgs, name: string): string {

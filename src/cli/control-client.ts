@@ -41,9 +41,13 @@ async function controlUrlFor(config: ServerConfig): Promise<string | undefined> 
   }
 }
 
-/** A client for the server running `configFile`, or undefined when none answers. */
-export async function findServer(configFile: string): Promise<{ client: ControlClient; config: ServerConfig } | undefined> {
+/**
+ * A client for the server running `configFile`, or undefined when none answers. `forMount`: the
+ * caller is about to mount, so a config without "repository" is refused before anything starts.
+ */
+export async function findServer(configFile: string, forMount = false): Promise<{ client: ControlClient; config: ServerConfig } | undefined> {
   const config = await loadConfig(configFile);
+  if (forMount && !config.repository) throw new Error(`${configFile}: mounts need a "repository" key`);
   const url = await controlUrlFor(config);
   if (!url) return undefined;
   const client = new ControlClient(url);
@@ -57,8 +61,13 @@ export async function findServer(configFile: string): Promise<{ client: ControlC
 
 export async function requireServer(configFile: string): Promise<ControlClient> {
   const found = await findServer(configFile);
-  if (!found) throw new Error(`no bootrestore server is running for ${configFile} (start one with "bootrestore serve --config ${configFile}" or "bootrestore mount")`);
-  return found.client;
+  if (found) return found.client;
+  const config = await loadConfig(configFile);
+  const hint =
+    config.deltaDir === undefined && (config.control === undefined || config.control.port === 0)
+      ? ` — note: ${configFile} has neither "deltaDir" nor a fixed "control.listen" port, so a running server cannot be found`
+      : '';
+  throw new Error(`no bootrestore server is running for ${configFile} (start one with "bootrestore serve --config ${configFile}" or "bootrestore mount")${hint}`);
 }
 
 /**
@@ -67,6 +76,7 @@ export async function requireServer(configFile: string): Promise<ControlClient> 
  */
 export async function startBackgroundServer(configFile: string, timeoutMs = 60_000): Promise<ControlClient> {
   const config = await loadConfig(configFile);
+  if (!config.repository) throw new Error(`${configFile}: mounts need a "repository" key`);
   if (!config.deltaDir) throw new Error(`${configFile}: starting a server for mounts needs "deltaDir" (its state and log live there)`);
   mkdirSync(config.deltaDir, { recursive: true });
   const logPath = join(config.deltaDir, 'server.log');

@@ -15,7 +15,7 @@ const commands: Record<string, { summary: string; load: () => Promise<CommandMod
   prune: { summary: 'delete old restore points of a VM', load: () => import('./commands/prune.js') },
   gc: { summary: 'remove chunks no restore point references', load: () => import('./commands/gc.js') },
   export: { summary: 'write a restore point back to a raw image', load: () => import('./commands/export.js') },
-  mount: { summary: 'mount a restore point as a writable LUN', load: () => import('./commands/mount.js') },
+  mount: { summary: 'mount a restore point as a LUN (writable unless --read-only)', load: () => import('./commands/mount.js') },
   mounts: { summary: 'list mounts with delta size and cache statistics', load: () => import('./commands/mounts.js') },
   unmount: { summary: 'remove a mount (--discard or --keep its delta)', load: () => import('./commands/unmount.js') },
   commit: { summary: 'turn a mount\'s base + delta into a new restore point', load: () => import('./commands/commit.js') },
@@ -30,9 +30,13 @@ function usage(): string {
 
 async function main(argv: string[]): Promise<number> {
   const [name, ...rest] = argv;
-  if (name === undefined || name === '--help' || name === '-h' || name === 'help') {
+  if (name === undefined) {
+    process.stderr.write(usage() + '\n');
+    return 2;
+  }
+  if (name === '--help' || name === '-h' || name === 'help') {
     process.stdout.write(usage() + '\n');
-    return name === undefined ? 2 : 0;
+    return 0;
   }
   const command = commands[name];
   if (!command) {
@@ -42,6 +46,11 @@ async function main(argv: string[]): Promise<number> {
   const mod = await command.load();
   return mod.run(rest);
 }
+
+process.stdout.on('error', (err: NodeJS.ErrnoException) => {
+  if (err.code === 'EPIPE') process.exit(process.exitCode ?? 0);
+  throw err;
+});
 
 main(process.argv.slice(2)).then(
   (code) => {

@@ -20,10 +20,14 @@ export interface BackupLunConfig {
   readonly kind: 'backup';
   readonly lun: number;
   readonly vm: string;
-  /** Restore point id or "latest" (resolved at start). */
+  /** Restore point id or "latest" (see `mount`). */
   readonly point: string;
   readonly readOnly: boolean;
-  /** Mount name: names the delta and seeds the LUN identity (default: "<iqn>/<lun>"). */
+  /**
+   * Mount name: names the delta and seeds the LUN identity (default: the text after the IQN's
+   * last ':' + "-lun<N>"). "latest" is resolved when the delta is first created; later starts
+   * keep that restore point (the delta belongs to it).
+   */
   readonly mount?: string;
 }
 
@@ -80,7 +84,8 @@ export class ConfigError extends Error {
 }
 
 const DEFAULT_CACHE_BYTES = 1024 * 1024 * 1024;
-const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
+const MIN_CACHE_BYTES = 1024 * 1024;
+export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'];
 /** RFC 7143 §4.2.7.1 / RFC 3721: iqn. names, eui. names, naa. names. */
 const ISCSI_NAME = /^(iqn\.\d{4}-\d{2}\.[a-z0-9][a-z0-9.-]*(:[\x21-\x7e]+)?|eui\.[0-9A-Fa-f]{16}|naa\.[0-9A-Fa-f]{16}([0-9A-Fa-f]{16})?)$/;
 const SIZE = /^(\d+(?:\.\d+)?)\s*(B|KiB|MiB|GiB|TiB|K|M|G|T|KB|MB|GB|TB)?$/i;
@@ -204,12 +209,13 @@ export function validateConfig(raw: unknown, file: string, baseDir: string): Ser
   if (top.cache !== undefined) {
     const cache = c.object(top.cache, 'cache', ['maxBytes']);
     if (cache.maxBytes !== undefined) cacheBytes = c.size(cache.maxBytes, 'cache.maxBytes');
+    if (cacheBytes < MIN_CACHE_BYTES) c.fail('cache.maxBytes', 'must be at least 1MiB (one chunk must fit)');
   }
   let control: Portal | undefined;
   if (top.control !== undefined) {
     const ctl = c.object(top.control, 'control', ['listen']);
     control = c.portal(ctl.listen, 'control.listen');
-    if (!isLoopback(control.host)) c.fail('control.listen', 'the control API listens on loopback only (127.0.0.0/8 or ::1)');
+    if (!isLoopback(control.host)) c.fail('control.listen', 'the control API listens on loopback only (127.0.0.0/8, ::1 or localhost)');
   }
   let logLevel = 'info';
   if (top.logLevel !== undefined) {
@@ -307,6 +313,10 @@ export async function loadConfig(file: string): Promise<ServerConfig> {
     throw new ConfigError(file, '', `not valid JSON: ${(err as Error).message}`);
   }
   return validateConfig(raw, file, dirname(resolve(file)));
+}
+
+export function isIscsiName(name: string): boolean {
+  return name.length <= 223 && ISCSI_NAME.test(name);
 }
 
 export function isLoopback(host: string): boolean {

@@ -2,6 +2,7 @@ import { mkdir, readFile, readdir, rm } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from '../log.js';
 import { deriveIdentity } from '../identity.js';
+import { isIscsiName } from '../config/config.js';
 import { openRestorePoint } from '../backup/reader.js';
 import { writeRestorePoint } from '../backup/writer.js';
 import { writeFileAtomic } from '../backup/repository.js';
@@ -113,7 +114,12 @@ export class MountManager {
       const record = await this.readRecord(name);
       if (!record || record.fromConfig || !record.active || this.mounts.has(name)) continue;
       this.logger.info({ mount: name, vm: record.vm, point: record.point }, 'resuming mount');
-      await this.exclusive(() => this.open(record));
+      try {
+        await this.exclusive(() => this.open(record, false));
+      } catch (err) {
+        // One broken mount (e.g. its restore point was pruned) must not keep the others down.
+        this.logger.error({ mount: name, err }, 'could not resume mount; its delta is kept on disk');
+      }
     }
   }
 
@@ -124,14 +130,30 @@ export class MountManager {
       if (this.mounts.has(name)) throw new MountError(`mount "${name}" is already mounted`, 409);
       const readOnly = req.readOnly ?? false;
       if (!readOnly && !this.deltaDir) throw new MountError('a writable mount needs "deltaDir" in the config', 400);
+      if (req.iqn !== undefined && !isIscsiName(req.iqn)) {
+        throw new MountError(`"${req.iqn}" is not an iSCSI name (iqn.YYYY-MM.reversed.domain[:id], eui. or naa.)`, 400);
+      }
+      const iqn = req.iqn ?? MOUNT_IQN_PREFIX + name.toLowerCase();
+      const clash = [...this.mounts.values()].find((m) => m.record.iqn === iqn && m.record.lun === (req.lun ?? 0));
+      if (clash) throw new MountError(`${iqn} LUN ${req.lun ?? 0} is already used by mount "${clash.record.name}"`, 409);
       const existing = await this.readRecord(name);
       let record: MountRecord;
       if (existing) {
-        // Resume a kept delta: it only makes sense over the same restore point.
+        // Resume a kept delta: it only makes sense over the same restore point, and writable
+        // (a read-only mount would hide what the VM wrote).
         const point = req.point && req.point !== 'latest' ? req.point : existing.point;
         if (existing.vm !== req.vm || existing.point !== point) {
           throw new MountError(
-            `mount "${name}" has a kept delta over ${existing.vm}@${existing.point}; unmount it with --discard or choose another --name`,
+            fromConfig
+              ? `mount "${name}" has a delta over ${existing.vm}@${existing.point} in ${join(this.deltaDir!, name)}; set "point" back, ` +
+                  `give "backup.mount" a new name, or delete that folder to discard what the VM wrote`
+              : `mount "${name}" has a kept delta over ${existing.vm}@${existing.point}; unmount it with --discard or choose another --name`,
+            409,
+          );
+        }
+        if (readOnly && !existing.readOnly) {
+          throw new MountError(
+            `mount "${name}" has a kept delta with the VM's writes; mount it writable to resume it, or unmount it with --discard first`,
             409,
           );
         }
@@ -146,7 +168,7 @@ export class MountManager {
           name,
           vm: req.vm,
           point,
-          iqn: req.iqn ?? MOUNT_IQN_PREFIX + name.toLowerCase(),
+          iqn,
           lun: req.lun ?? 0,
           readOnly,
           createdAt: new Date().toISOString(),
@@ -155,11 +177,12 @@ export class MountManager {
           ...(req.initiators ? { initiators: req.initiators } : {}),
         };
       }
-      return this.open(record);
+      return this.open(record, existing === undefined);
     });
   }
 
-  private async open(record: MountRecord): Promise<MountInfo> {
+  /** Open the device and attach it; a new mount that fails leaves nothing behind on disk. */
+  private async open(record: MountRecord, isNew: boolean): Promise<MountInfo> {
     const reader = await openRestorePoint(this.repository, record.vm, record.point);
     let device: BackupBlockDevice;
     try {
@@ -182,11 +205,16 @@ export class MountManager {
       throw err;
     }
     const gated = new GatedDevice(device);
+    let attached = false;
     try {
-      if (this.deltaDir) await this.writeRecord(record);
       await this.host.attach(record.iqn, record.lun, gated, record.initiators);
+      attached = true;
+      // Persisted only once it works, so a failed mount cannot stop the next start.
+      if (this.deltaDir) await this.writeRecord(record);
     } catch (err) {
-      await device.close();
+      if (attached) await this.host.detach(record.iqn, record.lun).catch(() => undefined);
+      else await device.close();
+      if (isNew && this.deltaDir) await rm(join(this.deltaDir, record.name), { recursive: true, force: true });
       throw err;
     }
     const active: ActiveMount = { record, device, gated };

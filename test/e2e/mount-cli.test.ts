@@ -144,4 +144,35 @@ describe('bootrestore mount / mounts / commit / unmount', () => {
     expect(gone.exitCode).toBe(1);
     expect(gone.stderr).toContain('no mount named');
   });
+  it('a failed mount leaves nothing behind; a kept delta is not hidden by a read-only mount; restarts resume cleanly', async () => {
+    const badName = await cliResult(['mount', '--config', configFile, '--vm', 'web1', '--name', 'bad1', '--target', 'not-an-iqn']);
+    expect(badName.exitCode).toBe(1);
+    expect(badName.stderr).toContain('not an iSCSI name');
+    await cli(['mount', '--config', configFile, '--vm', 'web1', '--name', 'x1']);
+    const clash = await cliResult(['mount', '--config', configFile, '--vm', 'web1', '--name', 'x2', '--target', 'iqn.2026-12.io.bootrestore:mount.x1', '--lun', '0']);
+    expect(clash.exitCode).toBe(1);
+    expect(clash.stderr).toContain('already used by mount "x1"');
+    const badLun = await cliResult(['mount', '--config', configFile, '--vm', 'web1', '--name', 'x3', '--lun', '0x10']);
+    expect(badLun.exitCode).toBe(2);
+    for (const gone of ['bad1', 'x2', 'x3']) {
+      await expect(readFile(join(deltaDir, gone, 'mount.json'))).rejects.toThrow();
+    }
+    await cli(['unmount', '--config', configFile, 'x1', '--keep']);
+    const ro = await cliResult(['mount', '--config', configFile, '--vm', 'web1', '--name', 'x1', '--read-only']);
+    expect(ro.exitCode).toBe(1);
+    expect(ro.stderr).toContain('kept delta');
+    await cli(['mount', '--config', configFile, '--vm', 'web1', '--name', 'x1']);
+
+    // Restart: SIGTERM the background server, then the next CLI mount starts a new one, which
+    // resumes x1 from its record.
+    const pid = (await serverPid())!;
+    process.kill(pid, 'SIGTERM');
+    for (let i = 0; i < 150 && (await serverPid()) !== undefined; i++) await new Promise((r) => setTimeout(r, 100));
+    expect(await serverPid()).toBeUndefined();
+    await cli(['mount', '--config', configFile, '--vm', 'web1', '--name', 'x4', '--read-only']);
+    const listed = JSON.parse((await cli(['mounts', '--config', configFile, '--json'])).stdout) as { mounts: Array<{ name: string }> };
+    expect(listed.mounts.map((m) => m.name).sort()).toEqual(['x1', 'x4']);
+    await cli(['unmount', '--config', configFile, 'x1', '--discard']);
+    await cli(['unmount', '--config', configFile, 'x4', '--discard']);
+  });
 });

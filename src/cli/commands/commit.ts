@@ -9,7 +9,7 @@ mount keeps running over its original base and delta afterwards.
 `;
 
 export async function run(argv: string[]): Promise<number> {
-  const args = parseArgs(argv, { values: ['config'], booleans: ['json', 'help'] });
+  const args = parseArgs(argv.map((a) => (a === '-h' ? '--help' : a)), { values: ['config'], booleans: ['json', 'help'] });
   if (args.booleans.has('help')) {
     process.stdout.write(HELP);
     return 0;

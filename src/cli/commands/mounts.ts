@@ -14,7 +14,7 @@ function mib(n: number): string {
 }
 
 export async function run(argv: string[]): Promise<number> {
-  const args = parseArgs(argv, { values: ['config'], booleans: ['json', 'metrics', 'help'] });
+  const args = parseArgs(argv.map((a) => (a === '-h' ? '--help' : a)), { values: ['config'], booleans: ['json', 'metrics', 'help'] });
   if (args.booleans.has('help')) {
     process.stdout.write(HELP);
     return 0;

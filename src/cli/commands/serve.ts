@@ -11,7 +11,7 @@ Logs are JSON lines on stderr (level: the config's "logLevel" or BOOTRESTORE_LOG
 `;
 
 export async function run(argv: string[]): Promise<number> {
-  const args = parseArgs(argv, { values: ['config'], booleans: ['help'] });
+  const args = parseArgs(argv.map((a) => (a === '-h' ? '--help' : a)), { values: ['config'], booleans: ['help'] });
   if (args.booleans.has('help')) {
     process.stdout.write(HELP);
     return 0;

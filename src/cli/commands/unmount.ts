@@ -9,7 +9,7 @@ One of the two must be given: nothing the VM wrote is thrown away by default.
 `;
 
 export async function run(argv: string[]): Promise<number> {
-  const args = parseArgs(argv, { values: ['config'], booleans: ['keep', 'discard', 'help'] });
+  const args = parseArgs(argv.map((a) => (a === '-h' ? '--help' : a)), { values: ['config'], booleans: ['keep', 'discard', 'help'] });
   if (args.booleans.has('help')) {
     process.stdout.write(HELP);
     return 0;
