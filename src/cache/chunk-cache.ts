@@ -6,7 +6,7 @@
  *   returned to the caller but not kept.
  * - Single-flight: concurrent misses on one digest wait for one load.
  * - Loads are bounded (`maxConcurrentLoads`): memory use is at most maxBytes + maxConcurrentLoads × chunk size
- *   (plus buffers still referenced by callers).
+ *   + (maxConcurrentLoads + 2) free recycled buffers per chunk size (plus buffers still referenced by callers).
  * - Never blocks the event loop: loading (read + inflate + verify) is the reader's async work.
  * - Recycles memory: a load may be given a buffer of an evicted chunk to read into (`bufferBytes`), so a
  *   long sequential read does not leave a trail of evicted chunks for the garbage collector (they are

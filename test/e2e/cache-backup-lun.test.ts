@@ -161,7 +161,9 @@ describe('backup LUN (cache + delta) with real clients', () => {
     };
     const random = await runIscsiPerf(url, { queueDepth: 32, blocksPerRequest: 8, seconds: 3, random: true }).catch(withDeviceState);
     const sequential = await runIscsiPerf(url, { queueDepth: 8, blocksPerRequest: 2048, seconds: 3, random: false }).catch(withDeviceState);
-    console.log(`iscsi-perf over the backup LUN (16 MiB image, 8 MiB cache): random 4 KiB QD32 ${random.iops} IOPS; sequential 1 MiB QD8 ${sequential.mibPerSecond} MiB/s`);
+    console.log(`iscsi-perf over the backup LUN (16 MiB image, 8 MiB cache): random 4 KiB QD32 ${random.iops} IOPS; sequential 1 MiB QD8 ${sequential.mibPerSecond} MiB/s` +
+        // iscsi-perf may miss the second in which it stops by itself (see runIscsiPerf): then it was stopped by SIGINT.
+        `${random.interrupted || sequential.interrupted ? ' (stopped by SIGINT: random ' + String(random.interrupted) + ', sequential ' + String(sequential.interrupted) + ')' : ''}`);
     expect(random.iops).toBeGreaterThan(0);
     expect(sequential.mibPerSecond).toBeGreaterThan(0);
   });

@@ -25,11 +25,15 @@ export interface CommandResult {
   exitCode: number | null;
   signal: NodeJS.Signals | null;
   timedOut: boolean;
+  /** SIGINT was sent because the program still ran after `interruptAfterMs`. */
+  interrupted: boolean;
   elapsedMs: number;
 }
 
 export interface CommandOptions {
   timeoutMs: number;
+  /** Send SIGINT once if the program still runs after this many ms (a program that stops cleanly on it). */
+  interruptAfterMs?: number;
   env?: Record<string, string>;
   cwd?: string;
 }
@@ -52,6 +56,14 @@ export async function runCommand(program: string, args: readonly string[], opts:
     timedOut = true;
     child.kill('SIGKILL');
   }, opts.timeoutMs);
+  let interrupted = false;
+  const interruptTimer =
+    opts.interruptAfterMs === undefined
+      ? undefined
+      : setTimeout(() => {
+          interrupted = true;
+          child.kill('SIGINT');
+        }, opts.interruptAfterMs);
   try {
     const [exitCode, signal] = await new Promise<[number | null, NodeJS.Signals | null]>((resolve, reject) => {
       child.once('error', reject);
@@ -63,10 +75,12 @@ export async function runCommand(program: string, args: readonly string[], opts:
       exitCode,
       signal,
       timedOut,
+      interrupted,
       elapsedMs: performance.now() - started,
     };
   } finally {
     clearTimeout(timer);
+    if (interruptTimer !== undefined) clearTimeout(interruptTimer);
     if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
   }
 }

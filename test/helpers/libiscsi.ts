@@ -283,6 +283,14 @@ export function parseIscsiPerf(output: string): PerfResult {
     const average = /^iops average (\d+) \((\d+) MB\/s\)/.exec(line);
     if (average) final = { iops: Number(average[1]), mib: Number(average[2]) };
   }
+  // Stopped by SIGINT (see runIscsiPerf): no final line, but every progress line ends with the running
+  // average so far; take the last one.
+  if (!final) {
+    for (const line of lines) {
+      const running = /iops current \d+ \(\d+ MB\/s\), iops average (\d+) \((\d+) MB\/s\)/.exec(line);
+      if (running) final = { iops: Number(running[1]), mib: Number(running[2]) };
+    }
+  }
   if (!final) throw new Error(`iscsi-perf output has no final "iops average" line:\n${output.slice(-2000)}`);
   const result: PerfResult = { iops: final.iops, mibPerSecond: final.mib, samples };
   const capacity = /capacity is \d+ blocks or (\d+) byte/.exec(output);
@@ -301,13 +309,33 @@ export interface PerfOptions {
   initiatorName?: string;
 }
 
-/** Runs iscsi-perf (reads only) and parses its result; throws if it fails. */
-export async function runIscsiPerf(url: string, opts: PerfOptions): Promise<PerfResult & { elapsedMs: number }> {
+/** Grace after `-t` seconds before iscsi-perf is told to stop with SIGINT (see runIscsiPerf). */
+export const ISCSI_PERF_STOP_GRACE_MS = 5000;
+
+/**
+ * Runs iscsi-perf (reads only) and parses its result; throws if it fails.
+ *
+ * iscsi-perf (libiscsi 1.19 utils/iscsi-perf.c, progress()) stops only if a progress print, made at the
+ * first completion at least 1 s after the previous one, falls in the second [t, t+1) of its `-t t`
+ * runtime; if none does (no completion in that window, e.g. slow reads on a busy machine) its unsigned
+ * remaining time wraps below zero and it reads forever. Its SIGINT handler makes it stop issuing, drain
+ * and exit 0, so it gets SIGINT if it still runs `ISCSI_PERF_STOP_GRACE_MS` after its runtime.
+ */
+export async function runIscsiPerf(
+  url: string,
+  opts: PerfOptions,
+): Promise<PerfResult & { elapsedMs: number; interrupted: boolean }> {
   const args = ['-m', String(opts.queueDepth), '-b', String(opts.blocksPerRequest), '-t', String(opts.seconds)];
   if (opts.random) args.push('-r');
   if (opts.initiatorName) args.push('-i', opts.initiatorName);
   args.push(url);
-  const result = await runCommand('iscsi-perf', args, { timeoutMs: (opts.seconds + 60) * 1000 });
-  if (result.exitCode !== 0) throw new Error(`iscsi-perf ${args.join(' ')}: exit ${result.exitCode ?? result.signal}\n${result.stderr}${result.stdout.slice(-2000)}`);
-  return { ...parseIscsiPerf(result.stdout + result.stderr), elapsedMs: result.elapsedMs };
+  const result = await runCommand('iscsi-perf', args, {
+    timeoutMs: (opts.seconds + 60) * 1000,
+    interruptAfterMs: opts.seconds * 1000 + ISCSI_PERF_STOP_GRACE_MS,
+  });
+  if (result.exitCode !== 0) {
+    const how = `${result.exitCode ?? result.signal}${result.interrupted ? ' (after SIGINT)' : ''}`;
+    throw new Error(`iscsi-perf ${args.join(' ')}: exit ${how}\n${result.stderr}${result.stdout.slice(-2000)}`);
+  }
+  return { ...parseIscsiPerf(result.stdout + result.stderr), elapsedMs: result.elapsedMs, interrupted: result.interrupted };
 }
