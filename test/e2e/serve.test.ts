@@ -69,7 +69,16 @@ describe('bootrestore serve', () => {
     const serial1 = await inq(withAuth, 128);
     const ident1 = await inq(withAuth, 131);
     expect(serial1).toMatch(/Unit Serial Number:\[[0-9a-f]{24}\]/);
-    expect(ident1).toMatch(/NAA/i);
+    // VPD 0x83: an NAA and a T10 vendor designator for the logical unit (ESXi, Linux and QEMU name the LUN from them).
+    expect(ident1).toMatch(/Association:\(0\) LOGICAL_UNIT\s+Designator Type:\(3\) NAA/);
+    expect(ident1).toMatch(/Association:\(0\) LOGICAL_UNIT\s+Designator Type:\(1\) T10_VENDORT_ID\s+Designator:\[BOOTREST[0-9a-f]{24}\]/);
+    // VPD 0 lists every page the kernel, QEMU and ESXi ask for.
+    const pages = await inq(withAuth, 0);
+    for (const page of ['0x80 UNIT_SERIAL_NUMBER', '0x83 DEVICE_IDENTIFICATION', '0xb0 BLOCK_LIMITS', '0xb1', '0xb2 LOGICAL_BLOCK_PROVISIONING']) {
+      expect(pages).toContain(`Page:${page}`);
+    }
+    const capacity = await runCommand('iscsi-readcapacity16', [withAuth], { timeoutMs: 30_000 });
+    expect(capacity.stdout).toContain(`Total size:${16 << 20}`);
 
     // A write flushed before SIGTERM is in the file; the server exits 0.
     const w = await runCommand('qemu-io', ['-f', 'raw', '-c', 'write -P 0x77 1M 64k', '-c', 'flush', withAuth], { timeoutMs: 60_000 });
