@@ -2,6 +2,7 @@ import { spawn, type ChildProcess } from 'node:child_process';
 import { mkdtemp, writeFile, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
+import { trackChild } from './exec.js';
 
 export const REPO_ROOT = resolve(import.meta.dirname, '../..');
 export const CLI = join(REPO_ROOT, 'dist/bootrestore.mjs');
@@ -23,11 +24,6 @@ export interface ServerProcess {
   logs(): Array<Record<string, unknown>>;
 }
 
-const live = new Set<ChildProcess>();
-process.once('exit', () => {
-  for (const c of live) c.kill('SIGKILL');
-});
-
 /**
  * Spawn `node dist/bootrestore.mjs serve --config FILE` (run `npm run build` first) and wait until
  * every portal logs "listening". `config` is written to a temp file; its `listen` defaults to
@@ -45,14 +41,11 @@ export async function startServerProcess(
     env: { ...process.env, BOOTRESTORE_LOG_LEVEL: process.env.BOOTRESTORE_LOG_LEVEL ?? 'info', ...opts.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
-  live.add(child);
+  trackChild(child); // never outlives the test process
   let err = '';
   let out = '';
   child.stdout!.on('data', (d: Buffer) => (out += d.toString()));
-  const exited = new Promise<number | null>((res) => child.once('exit', (code) => {
-    live.delete(child);
-    res(code);
-  }));
+  const exited = new Promise<number | null>((res) => child.once('exit', (code) => res(code)));
   const portals: string[] = [];
   const wanted = (full.listen as string[]).length;
   await new Promise<void>((res, rej) => {
