@@ -7,7 +7,7 @@ import { deriveIdentity } from './identity.js';
 import { FileBlockDevice } from './storage/file-device.js';
 import { IscsiServer } from './iscsi/server.js';
 import { ScsiTarget } from './iscsi/scsi/target.js';
-import { MountManager, type LunHost } from './mounts/manager.js';
+import { MountManager, mountNameFrom, type LunHost } from './mounts/manager.js';
 import { ControlServer } from './control/server.js';
 import { writeFileAtomic } from './backup/repository.js';
 
@@ -199,6 +199,5 @@ function openFileLun(target: TargetConfig, lun: FileLunConfig): Promise<FileBloc
 
 /** Default mount name of a backup LUN declared in the config. */
 export function configMountName(iqn: string, lun: number): string {
-  const suffix = iqn.slice(iqn.lastIndexOf(':') + 1).replace(/[^A-Za-z0-9._-]/g, '-');
-  return `${suffix || 'target'}-lun${lun}`.replace(/^[^A-Za-z0-9]+/, '').slice(0, 64);
+  return mountNameFrom(`${iqn.slice(iqn.lastIndexOf(':') + 1) || 'target'}-lun${lun}`);
 }

@@ -125,7 +125,7 @@ export class MountManager {
 
   mount(req: MountRequest, fromConfig = false): Promise<MountInfo> {
     return this.exclusive(async () => {
-      const name = req.name ?? defaultMountName(req.vm);
+      const name = req.name ?? mountNameFrom(req.vm);
       if (!MOUNT_NAME.test(name)) throw new MountError(`mount name "${name}" must be 1–64 of A-Z a-z 0-9 . _ - (starting alphanumeric)`, 400);
       if (this.mounts.has(name)) throw new MountError(`mount "${name}" is already mounted`, 409);
       const readOnly = req.readOnly ?? false;
@@ -326,6 +326,7 @@ export class MountManager {
   }
 }
 
-function defaultMountName(vm: string): string {
-  return vm.replace(/[^A-Za-z0-9._-]/g, '-').replace(/^[^A-Za-z0-9]+/, '').slice(0, 64) || 'mount';
+/** A valid mount name made from any text (a VM name, an IQN suffix): one rule for every default. */
+export function mountNameFrom(text: string, fallback = 'mount'): string {
+  return text.replace(/[^A-Za-z0-9._-]/g, '-').replace(/^[^A-Za-z0-9]+/, '').slice(0, 64) || fallback;
 }
