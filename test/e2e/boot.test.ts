@@ -8,10 +8,9 @@
  *   (d) the same from a read-only LUN: the guest's scratch write must fail and change nothing.
  * Booting from a mounted backup restore point: test/e2e/mount-boot.test.ts.
  */
-import { copyFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ensureBootImage, expectedGuestHash, readScratch, scratchPattern, sha256, type BootImage } from '../helpers/boot-image.js';
+import { copyBootImage, ensureBootImage, expectedGuestHash, readScratch, scratchPattern, sha256, type BootImage } from '../helpers/boot-image.js';
 import { bootFromFile, bootFromIscsi, type BootResult } from '../helpers/qemu.js';
 import { startServerProcess, type ServerProcess } from '../helpers/server.js';
 import { startTgt, type TgtTarget } from '../helpers/tgt.js';
@@ -39,11 +38,8 @@ afterAll(async () => {
   await scratchDir?.remove();
 });
 
-/** A writable copy of the image for one boot (the cached image stays untouched). */
-async function copyOfImage(name: string): Promise<string> {
-  const path = join(scratchDir.path, name);
-  await copyFile(image.image, path);
-  return path;
+function copyOfImage(name: string): Promise<string> {
+  return copyBootImage(image, scratchDir.path, name);
 }
 
 /** What every successful boot must show; `disk` is the file whose content the guest saw. */

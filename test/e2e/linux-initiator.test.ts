@@ -7,10 +7,8 @@
  *   (b) against bootrestore serve (file LUN 0, ACL admitting the guest's initiator name).
  */
 import { deriveIdentity } from '../../src/identity.js';
-import { copyFile } from 'node:fs/promises';
-import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { ensureBootImage, expectedGuestHash, readScratch, scratchPattern, sha256, type BootImage } from '../helpers/boot-image.js';
+import { copyBootImage, ensureBootImage, expectedGuestHash, readScratch, scratchPattern, sha256, type BootImage } from '../helpers/boot-image.js';
 import { bootLinuxInitiator, type BootResult } from '../helpers/qemu.js';
 import { startServerProcess, type ServerProcess } from '../helpers/server.js';
 import { startTgt, type TgtTarget } from '../helpers/tgt.js';
@@ -39,10 +37,8 @@ afterAll(async () => {
   await scratchDir?.remove();
 });
 
-async function copyOfImage(name: string): Promise<string> {
-  const path = join(scratchDir.path, name);
-  await copyFile(image.image, path);
-  return path;
+function copyOfImage(name: string): Promise<string> {
+  return copyBootImage(image, scratchDir.path, name);
 }
 
 async function expectGoodSession(result: BootResult, disk: string, nonce: string, expectedWwid?: string): Promise<void> {

@@ -4,7 +4,7 @@
  */
 import { createHash } from 'node:crypto';
 import { createReadStream } from 'node:fs';
-import { open, readFile } from 'node:fs/promises';
+import { copyFile, open, readFile } from 'node:fs/promises';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { runChecked } from './exec.js';
@@ -105,4 +105,11 @@ export async function readScratch(file: string, manifest: BootImageManifest): Pr
 
 export function sha256(data: Buffer): string {
   return createHash('sha256').update(data).digest('hex');
+}
+
+/** A writable copy of the cached boot image for one boot (the cached image stays untouched). */
+export async function copyBootImage(image: BootImage, dir: string, name: string): Promise<string> {
+  const path = join(dir, name);
+  await copyFile(image.image, path);
+  return path;
 }
