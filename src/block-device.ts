@@ -30,6 +30,25 @@ export interface LbaStatus {
   readonly blocks: number;
 }
 
+/**
+ * Data of a read as consecutive read-only slices (for example views of cached chunks), valid until
+ * `release` is called. Lets the target send cached data to the socket without assembling a copy.
+ */
+export interface SegmentedRead {
+  readonly segments: readonly Buffer[];
+  /** Total bytes in `segments`. */
+  readonly length: number;
+  /** Call exactly once when the slices are no longer used (sent or dropped); the device may then reuse them. */
+  readonly release: () => void;
+}
+
+const releaseNothing = (): void => {};
+
+/** A SegmentedRead of one buffer the caller owns (nothing to release). */
+export function wholeRead(data: Buffer): SegmentedRead {
+  return { segments: [data], length: data.length, release: releaseNothing };
+}
+
 export interface WriteOptions {
   /** Force unit access: the data must be durable before the promise resolves. */
   readonly fua: boolean;
@@ -53,6 +72,11 @@ export interface BlockDevice {
    * modify it. Implementations must not modify a `write` argument either.
    */
   read(lba: number, blocks: number): Promise<Buffer>;
+  /**
+   * Optional zero-copy form of read(): the same bytes, as slices the device keeps unchanged until
+   * the result's release() is called. The target uses it for READ Data-In.
+   */
+  readSegments?(lba: number, blocks: number): Promise<SegmentedRead>;
   /** Write whole blocks (data.length is a multiple of blockSize). */
   write(lba: number, data: Buffer, opts: WriteOptions): Promise<void>;
   /** Make every acknowledged write durable (SYNCHRONIZE CACHE). */

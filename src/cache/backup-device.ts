@@ -3,7 +3,16 @@
  * where it deallocated, and otherwise from the backup's chunks through the shared chunk cache. Writes,
  * UNMAP and FLUSH go to the delta; the backup is never written.
  */
-import { type BlockDevice, type BlockDeviceIdentity, type LbaRange, type LbaStatus, StorageError, type WriteOptions } from '../block-device.js';
+import {
+  type BlockDevice,
+  type BlockDeviceIdentity,
+  type LbaRange,
+  type LbaStatus,
+  type SegmentedRead,
+  StorageError,
+  type WriteOptions,
+  wholeRead,
+} from '../block-device.js';
 import type { RestorePointReader } from '../backup/types.js';
 import { chunkFileBufferSize } from '../backup/reader.js';
 import type { ChunkContent, RestorePointSpec } from '../backup/writer.js';
@@ -138,7 +147,23 @@ export class BackupBlockDevice implements BlockDevice {
    * Read `blocks` blocks at `lba`. The result is the caller's own buffer, except with `zeroCopyReads`,
    * where it may be a view of a cached chunk shared with other readers (callers must not modify it).
    */
-  async read(lba: number, blocks: number): Promise<Buffer> {
+  read(lba: number, blocks: number): Promise<Buffer> {
+    return this.measuredRead(lba, blocks, this.rangeReader);
+  }
+
+  /**
+   * Zero-copy read (the target's READ Data-In): views of the cached chunks, pinned in the cache until
+   * `release`, and of the shared zero buffer; one merged buffer where the delta holds data.
+   */
+  readSegments(lba: number, blocks: number): Promise<SegmentedRead> {
+    return this.measuredRead(lba, blocks, this.segmentReader);
+  }
+
+  private readonly rangeReader = (start: number, length: number): Promise<Buffer> => this.readRange(start, length);
+  private readonly segmentReader = (start: number, length: number): Promise<SegmentedRead> => this.readSegmentsOf(start, length);
+
+  /** Range check, read-ahead detection and metrics around one read. */
+  private async measuredRead<T>(lba: number, blocks: number, readBytes: (start: number, length: number) => Promise<T>): Promise<T> {
     const started = performance.now();
     const start = lba * BLOCK_SIZE;
     const length = blocks * BLOCK_SIZE;
@@ -146,7 +171,7 @@ export class BackupBlockDevice implements BlockDevice {
     this.metrics.readsInFlight++;
     try {
       this.noteRead(start, start + length);
-      const result = await this.readRange(start, length);
+      const result = await readBytes(start, length);
       this.metrics.reads++;
       this.metrics.bytesRead += length;
       return result;
@@ -310,6 +335,68 @@ export class BackupBlockDevice implements BlockDevice {
     const endUnit = Math.ceil((start + length) / u);
     if (!delta.map.anyNonBase(firstUnit, endUnit)) return this.readBaseOwned(start, length);
     return this.readMixed(delta, start, length, firstUnit, endUnit);
+  }
+
+  private async readSegmentsOf(start: number, length: number): Promise<SegmentedRead> {
+    const delta = this.delta;
+    if (length === 0) return wholeRead(Buffer.alloc(0));
+    if (delta !== null) {
+      const firstUnit = Math.floor(start / delta.unitSize);
+      const endUnit = Math.ceil((start + length) / delta.unitSize);
+      if (delta.map.anyNonBase(firstUnit, endUnit)) return wholeRead(await this.readMixed(delta, start, length, firstUnit, endUnit));
+    }
+    const end = start + length;
+    const first = Math.floor(start / this.chunkSize);
+    const last = Math.floor((end - 1) / this.chunkSize);
+    const segments = new Array<Buffer>(last - first + 1);
+    const pinned: Buffer[] = [];
+    let loads: Array<Promise<void>> | undefined;
+    for (let index = first; index <= last; index++) {
+      const chunkStart = index * this.chunkSize;
+      const from = Math.max(start, chunkStart) - chunkStart;
+      const segmentLength = Math.min(end, chunkStart + this.chunkSize) - chunkStart - from;
+      const slot = index - first;
+      const hit = this.chunkIfCached(index);
+      if (hit !== undefined) segments[slot] = this.pinnedSegment(hit, from, segmentLength, pinned);
+      else {
+        (loads ??= []).push(
+          this.loadChunk(index).then((chunk) => {
+            segments[slot] = this.pinnedSegment(chunk, from, segmentLength, pinned);
+          }),
+        );
+      }
+    }
+    let released = false;
+    const release = (): void => {
+      if (released) return;
+      released = true;
+      for (const chunk of pinned) this.cache.unpin(chunk);
+    };
+    if (loads !== undefined) {
+      // Wait for every load (also after a failure), so no pin is taken after the release below.
+      const settled = await Promise.allSettled(loads);
+      for (const outcome of settled) {
+        if (outcome.status === 'rejected') {
+          release();
+          throw outcome.reason;
+        }
+      }
+    }
+    return { segments, length, release };
+  }
+
+  /** `length` bytes of a chunk from `from` as a view (the chunk pinned in the cache), or shared zeroes. */
+  private pinnedSegment(chunk: Buffer | null, from: number, length: number, pinned: Buffer[]): Buffer {
+    if (chunk === null) return sharedZeroes(length);
+    if (from + length > chunk.length) {
+      // The zero-padded tail of an image whose size is not a multiple of 512.
+      const out = Buffer.alloc(length);
+      if (from < chunk.length) chunk.copy(out, 0, from, chunk.length);
+      return out;
+    }
+    this.cache.pin(chunk);
+    pinned.push(chunk);
+    return chunk.subarray(from, from + length);
   }
 
   /** Base content for a caller: a copy unless zero-copy reads are enabled. */

@@ -4,6 +4,7 @@
  * turns `ScsiResult`s into Data-In / SCSI Response PDUs. It never looks inside a CDB except for
  * what RFC 7143 requires; the SCSI layer never sees PDUs.
  */
+import type { SegmentedRead } from '../block-device.js';
 
 /** SAM-5 status codes. */
 export const enum ScsiStatus {
@@ -60,6 +61,11 @@ export interface ScsiResult {
    * The transport sends min(length, expectedDataLength) and reports the residual (RFC 7143 §11.4.5).
    */
   readonly dataIn?: Buffer;
+  /**
+   * Data-In as read-only slices instead of `dataIn`. The transport calls `release()` exactly once,
+   * when it no longer needs them (written to the socket, or dropped with the task or connection).
+   */
+  readonly dataInSegments?: SegmentedRead;
   /**
    * For commands with Data-Out: the number of bytes the CDB asked for. The transport reports the
    * difference to expectedDataLength as residual over/underflow. Omit when the command moves no data.

@@ -1,4 +1,4 @@
-import type { BlockDevice, LbaRange, LbaStatus, WriteOptions } from '../block-device.js';
+import { type BlockDevice, type LbaRange, type LbaStatus, type SegmentedRead, type WriteOptions, wholeRead } from '../block-device.js';
 
 /**
  * Wraps a device so that writes can be held back while a consistent snapshot is taken
@@ -30,6 +30,11 @@ export class GatedDevice implements BlockDevice {
 
   read(lba: number, blocks: number): Promise<Buffer> {
     return this.inner.read(lba, blocks);
+  }
+
+  readSegments(lba: number, blocks: number): Promise<SegmentedRead> {
+    if (this.inner.readSegments !== undefined) return this.inner.readSegments(lba, blocks);
+    return this.inner.read(lba, blocks).then(wholeRead);
   }
 
   write(lba: number, data: Buffer, opts: WriteOptions): Promise<void> {

@@ -87,10 +87,15 @@ export class PduWriter {
 
   /**
    * Send one PDU. `bhs` is a 48-byte BHS (its TotalAHSLength and DataSegmentLength are set here);
-   * `data` may be a list of slices sent back to back as one data segment.
+   * `data` may be a list of slices sent back to back as one data segment. `dataReleased`, if given,
+   * runs once the writer no longer needs `data`: at once when it was copied (or the socket is
+   * closed), else when the socket has written it (or failed).
    */
-  send(bhs: Buffer, data?: Buffer | readonly Buffer[], ahs?: Buffer): void {
-    if (this.closed) return;
+  send(bhs: Buffer, data?: Buffer | readonly Buffer[], ahs?: Buffer, dataReleased?: () => void): void {
+    if (this.closed) {
+      dataReleased?.();
+      return;
+    }
     let dataLength = 0;
     let parts: readonly Buffer[] | undefined;
     if (data !== undefined) {
@@ -119,15 +124,26 @@ export class PduWriter {
       at += 4;
     }
     this.stageEnd = at;
-    if (dataLength === 0) return;
+    if (dataLength === 0) {
+      dataReleased?.();
+      return;
+    }
+    let copied = false;
     if (copyData) {
       if (parts) for (const p of parts) at += p.copy(stage, at);
       else at += (data as Buffer).copy(stage, at);
+      copied = true;
     } else {
       this.handOverStage();
       if (parts) {
-        for (const p of parts) if (p.length > 0) this.write(p);
-      } else this.write(data as Buffer);
+        // Socket writes complete in order: the last slice's callback covers all of them.
+        let lastNonEmpty = parts.length - 1;
+        while (parts[lastNonEmpty]!.length === 0) lastNonEmpty--;
+        for (let i = 0; i <= lastNonEmpty; i++) {
+          const p = parts[i]!;
+          if (p.length > 0) this.write(p, i === lastNonEmpty ? dataReleased : undefined);
+        }
+      } else this.write(data as Buffer, dataReleased);
       at = this.reserve(trailerBytes);
     }
     if (pad > 0) {
@@ -143,6 +159,7 @@ export class PduWriter {
       at += 4;
     }
     this.stageEnd = at;
+    if (copied) dataReleased?.();
   }
 
   /** Make room for `bytes` contiguous staged bytes; returns where they start. */
@@ -174,9 +191,10 @@ export class PduWriter {
     this.sink.write(chunk, slab.written);
   }
 
-  private write(buf: Buffer): void {
+  private write(buf: Buffer, written?: () => void): void {
     this.bytesWritten += buf.length;
-    this.sink.write(buf);
+    if (written === undefined) this.sink.write(buf);
+    else this.sink.write(buf, () => written());
   }
 }
 

@@ -3,11 +3,14 @@
  * never build sense bytes or SCSI results themselves; the dispatcher in target.ts does.
  */
 
+import type { SegmentedRead } from '../../block-device.js';
 import { SenseReason, type FieldPointer } from './sense.js';
 
 export interface Completed {
   readonly failure?: undefined;
   readonly dataIn?: Buffer;
+  /** Data-In as slices the device keeps valid until released (READ from a device with readSegments). */
+  readonly dataInSegments?: SegmentedRead;
   /** For Data-Out commands: bytes the CDB asked for (the transport reports residuals). */
   readonly dataOutLength?: number;
   /** CONDITION MET instead of GOOD (PRE-FETCH, SBC-3 5.9). */

@@ -9,7 +9,7 @@
  * do exactly that; the transport reports the residual from `dataOutLength`.
  */
 
-import type { LbaRange } from '../../block-device.js';
+import type { LbaRange, SegmentedRead } from '../../block-device.js';
 import {
   MAX_COMPARE_AND_WRITE_BLOCKS,
   MAX_UNMAP_BLOCKS,
@@ -46,6 +46,7 @@ function forceUnitAccess(ctx: CommandContext, fuaBit: boolean): boolean {
 }
 
 const dataInOutcome = (dataIn: Buffer): Outcome => ({ dataIn });
+const segmentedOutcome = (dataInSegments: SegmentedRead): Outcome => ({ dataInSegments });
 
 /**
  * READ(6/10/12/16) (SBC-3 5.8-5.11). `lengthByte`: where TRANSFER LENGTH starts, for the field pointer.
@@ -57,6 +58,8 @@ export function read(ctx: CommandContext, lba: number, blocks: number, lengthByt
   if (lba + blocks > device.blockCount) return LBA_OUT_OF_RANGE;
   if (blocks > lu.maxTransferBlocks) return invalidCdbField(lengthByte);
   if (blocks === 0) return GOOD;
+  // Zero-copy where the device offers it: the transport sends the slices and releases them.
+  if (device.readSegments !== undefined) return device.readSegments(lba, blocks).then(segmentedOutcome);
   return device.read(lba, blocks).then(dataInOutcome);
 }
 

@@ -270,6 +270,7 @@ export class ScsiTarget implements ScsiTargetPort, TargetServices {
 
   private toResult(outcome: Outcome, unit: LogicalUnit | undefined): ScsiResult {
     if (outcome.failure === undefined) {
+      if (outcome.dataInSegments !== undefined) return { status: ScsiStatus.Good, dataInSegments: outcome.dataInSegments };
       if (outcome.dataIn === undefined && outcome.dataOutLength === undefined && outcome.conditionMet !== true) {
         return GOOD_RESULT;
       }

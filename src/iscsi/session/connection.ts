@@ -710,7 +710,10 @@ export class Connection {
   /** Send Data-In and status for a finished command (§11.4, §11.7). */
   private complete(task: ScsiTask, result: ScsiResult | undefined): void {
     if (this.tasks.get(task.itt) === task) this.tasks.delete(task.itt);
-    if (task.aborted || this.state !== ConnectionState.FullFeature || this.writer.closed) return;
+    if (task.aborted || this.state !== ConnectionState.FullFeature || this.writer.closed) {
+      result?.dataInSegments?.release();
+      return;
+    }
     this.sendCompletion(task, result);
     this.applyBackpressure();
   }
@@ -754,7 +757,8 @@ export class Connection {
       return;
     }
     const edtl = f.expectedDataLength;
-    const produced = result.dataIn?.length ?? 0;
+    const segmented = result.dataInSegments;
+    const produced = segmented !== undefined ? segmented.length : (result.dataIn?.length ?? 0);
     // §11.4.5: residuals compare what the command moves with what the initiator expected.
     let expected: number;
     let actual: number;
@@ -787,8 +791,10 @@ export class Connection {
       sendLength > 0 && !result.sense && !bidi && (result.status === ScsiStatus.Good || result.status === ScsiStatus.ConditionMet);
     this.writer.burst(() => {
       let dataSN = 0;
-      if (sendLength > 0) {
-        dataSN = this.sendDataIn(task, result.dataIn!, sendLength, collapse, result.status, overflow, underflow, residualCount);
+      if (segmented !== undefined) {
+        dataSN = this.sendDataIn(task, segmented.segments, sendLength, collapse, result.status, overflow, underflow, residualCount, segmented.release);
+      } else if (sendLength > 0) {
+        dataSN = this.sendDataIn(task, [result.dataIn!], sendLength, collapse, result.status, overflow, underflow, residualCount);
       }
       if (collapse) return;
       let senseSegment: Buffer | undefined;
@@ -822,17 +828,20 @@ export class Connection {
   /**
    * Data-In PDUs of at most the initiator's MaxRecvDataSegmentLength, F at the end of every
    * MaxBurstLength sequence (§11.7.1), status in the last one when collapsed (S bit).
-   * Payload slices of the SCSI layer's buffer go to the socket as they are. Returns the PDU count.
+   * `data` is the SCSI layer's Data-In as consecutive slices; each PDU's payload goes to the socket as
+   * slices of them, uncopied. `release` (of a SegmentedRead) runs once every PDU's payload has been
+   * written. Returns the PDU count.
    */
   private sendDataIn(
     task: ScsiTask,
-    data: Buffer,
+    data: readonly Buffer[],
     length: number,
     collapse: boolean,
     status: number,
     overflow: boolean,
     underflow: boolean,
     residualCount: number,
+    release?: () => void,
   ): number {
     const session = this.session!;
     const p = session.params;
@@ -843,6 +852,16 @@ export class Connection {
     let pduCount = 0;
     let offset = 0;
     let usedInBurst = 0;
+    // Cursor into `data`: slice index and offset in it.
+    let part = 0;
+    let partOffset = 0;
+    let unwritten = 1; // one extra count, dropped after the loop, so release waits for every PDU
+    const written =
+      release === undefined
+        ? undefined
+        : (): void => {
+            if (--unwritten === 0) release();
+          };
     while (offset < length) {
       const n = Math.min(segment, length - offset, burst - usedInBurst);
       const last = offset + n === length;
@@ -865,10 +884,37 @@ export class Connection {
         underflow,
         residualCount,
       });
-      this.writer.send(bhs, offset === 0 && n === data.length ? data : data.subarray(offset, offset + n));
+      // This PDU's payload: n bytes from the cursor, as one slice or several.
+      let payload: Buffer | Buffer[];
+      const current = data[part]!;
+      if (current.length - partOffset >= n) {
+        payload = partOffset === 0 && n === current.length ? current : current.subarray(partOffset, partOffset + n);
+        partOffset += n;
+        if (partOffset === current.length) {
+          part++;
+          partOffset = 0;
+        }
+      } else {
+        payload = [];
+        let need = n;
+        while (need > 0) {
+          const slice = data[part]!;
+          const take = Math.min(need, slice.length - partOffset);
+          payload.push(partOffset === 0 && take === slice.length ? slice : slice.subarray(partOffset, partOffset + take));
+          need -= take;
+          partOffset += take;
+          if (partOffset === slice.length) {
+            part++;
+            partOffset = 0;
+          }
+        }
+      }
+      if (written !== undefined) unwritten++;
+      this.writer.send(bhs, payload, undefined, written);
       offset += n;
       pduCount++;
     }
+    written?.();
     return pduCount;
   }
 

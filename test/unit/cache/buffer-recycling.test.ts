@@ -77,6 +77,34 @@ describe('ChunkCache buffer recycling', () => {
     for (const b of seen.slice(1)) expect(b!.buffer).not.toBe(first.buffer);
   });
 
+  it('a pinned chunk is not recycled until its last unpin; then it is', async () => {
+    const cache = new ChunkCache({ maxBytes: 2 * CHUNK, logger: silentLogger() });
+    const contents = [0, 1, 2, 3, 4].map((i) => pseudoRandomBytes(CHUNK, 250 + i));
+    const seen: Array<Buffer | undefined> = [];
+    const first = await cache.get('k0', 'm', intoLoader(contents[0]!, seen), CHUNK);
+    cache.pin(first);
+    cache.pin(first);
+    const view = first.subarray(100, 5000);
+    for (let i = 1; i < 4; i++) {
+      await cache.get(`k${i}`, 'm', intoLoader(contents[i]!, seen), CHUNK);
+      await nextTurn();
+    }
+    expect(cache.has('k0')).toBe(false);
+    for (const b of seen.slice(1)) expect(b!.buffer).not.toBe(first.buffer);
+    expect(view.equals(contents[0]!.subarray(100, 5000))).toBe(true);
+    cache.unpin(first);
+    await nextTurn();
+    await cache.get('k4', 'm', intoLoader(contents[4]!, seen), CHUNK);
+    expect(seen[4]!.buffer).not.toBe(first.buffer); // one pin is still held
+    cache.unpin(first);
+    await nextTurn();
+    // Every chunk is evicted in turn; the next load that needs a buffer gets k0's back.
+    const more = [5, 6].map((i) => pseudoRandomBytes(CHUNK, 250 + i));
+    await cache.get('k5', 'm', intoLoader(more[0]!, seen), CHUNK);
+    await cache.get('k6', 'm', intoLoader(more[1]!, seen), CHUNK);
+    expect(seen.slice(5).some((b) => b!.buffer === first.buffer)).toBe(true);
+  });
+
   it('waiters of a load whose entry is evicted in the same turn still copy the right bytes', async () => {
     // A cache of one chunk; loads finish together (one gate per round) and write into their buffer as
     // soon as they start, and waiters copy only after a few promise hops: a buffer handed to the next
@@ -121,6 +149,55 @@ describe('ChunkCache buffer recycling', () => {
 });
 
 describe('BackupBlockDevice over a real repository with a small cache', () => {
+  it('readSegments: views of cached chunks that stay intact until released, merged data where the delta wrote', async () => {
+    const repo = join(scratch, 'repo-segments');
+    const image = Buffer.alloc(64 * CHUNK);
+    for (let c = 0; c < 64; c++) {
+      if (c % 8 === 5) continue; // zero chunks
+      if (c % 4 === 3) Buffer.from(`text chunk ${c} `.repeat(5000)).copy(image, c * CHUNK, 0, CHUNK);
+      else pseudoRandomBytes(CHUNK, 7000 + c).copy(image, c * CHUNK);
+    }
+    await backupSource(repo, new BufferSource(image), { vm: 'vm', chunkSize: CHUNK, logger: silentLogger() });
+    const reader = await openRestorePoint(repo, 'vm', 'latest');
+    const cache = new ChunkCache({ maxBytes: 8 * CHUNK, logger: silentLogger() });
+    const device = await openBackupDevice({ reader, cache, deltaDir: join(scratch, 'delta-segments'), mountId: 'segments', identity, logger: silentLogger() });
+    const join_ = (r: { segments: readonly Buffer[]; length: number }): Buffer => {
+      const all = Buffer.concat(r.segments as Buffer[]);
+      expect(all.length).toBe(r.length);
+      return all;
+    };
+    try {
+      // Held reads (like Data-In queued on a slow socket) while the whole LUN streams through the cache.
+      const held = await Promise.all(
+        [0, 5, 13].map(async (c) => ({ at: c * CHUNK + 1024, read: await device.readSegments((c * CHUNK + 1024) / 512, (2 * CHUNK) / 512) })),
+      );
+      for (let pass = 0; pass < 2; pass++) {
+        for (let lba = 0; lba < device.blockCount; lba += (3 * CHUNK) / 512) {
+          const blocks = Math.min((3 * CHUNK) / 512, device.blockCount - lba);
+          const r = await device.readSegments(lba, blocks);
+          expect(join_(r).equals(image.subarray(lba * 512, (lba + blocks) * 512))).toBe(true);
+          r.release();
+          await nextTurn();
+        }
+      }
+      for (const { at, read } of held) {
+        expect(join_(read).equals(image.subarray(at, at + 2 * CHUNK))).toBe(true);
+        read.release();
+      }
+      expect(cache.stats().recycledBuffers).toBeGreaterThan(20);
+      // A write in the range: the read merges delta and base.
+      const patch = Buffer.alloc(4096, 0x5a);
+      await device.write((10 * CHUNK + 8192) / 512, patch, { fua: false });
+      const expected = Buffer.from(image.subarray(10 * CHUNK, 12 * CHUNK));
+      patch.copy(expected, 8192);
+      const merged = await device.readSegments((10 * CHUNK) / 512, (2 * CHUNK) / 512);
+      expect(join_(merged).equals(expected)).toBe(true);
+      merged.release();
+    } finally {
+      await device.close();
+    }
+  });
+
   it('sequential reads recycle chunk buffers; zero-copy views handed out earlier keep their bytes', async () => {
     const repo = join(scratch, 'repo');
     // 64 chunks: random (incompressible: read into recycled buffers) and text (deflated: own buffers).

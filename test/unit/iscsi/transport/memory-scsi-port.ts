@@ -35,6 +35,12 @@ export class MemoryScsiPort implements ScsiTargetPort {
   readonly nexuses = new Set<string>();
   /** When set, commands with this opcode wait until released (or aborted). */
   holdOpcode: number | undefined;
+  /** Answer a held command normally even if it was aborted meanwhile (a SCSI layer that ignores the signal). */
+  answerAborted = false;
+  /** When set, READ answers with `dataInSegments`: slices of this many bytes, counted below. */
+  readSegmentBytes: number | undefined;
+  segmentedReads = 0;
+  segmentReleases = 0;
   private held: Array<() => void> = [];
 
   addLun(lun: number, sizeBytes: number, fill?: (buf: Buffer) => void): Buffer {
@@ -76,7 +82,7 @@ export class MemoryScsiPort implements ScsiTargetPort {
         this.held.push(resolve);
         cmd.signal?.addEventListener('abort', () => resolve());
       });
-      if (cmd.signal?.aborted) return { status: ScsiStatus.TaskAborted };
+      if (cmd.signal?.aborted && !this.answerAborted) return { status: ScsiStatus.TaskAborted };
     }
     if (op === 0xa0) return this.reportLuns(cdb);
     const disk = this.luns.get(cmd.lun);
@@ -125,7 +131,15 @@ export class MemoryScsiPort implements ScsiTargetPort {
         const count = op === 0x28 ? cdb.readUInt16BE(7) : cdb.readUInt32BE(10);
         if (lba + count > blocks) return sense(0x05, 0x21, 0x00);
         await Promise.resolve();
-        return { status: ScsiStatus.Good, dataIn: disk.subarray(lba * BLOCK, (lba + count) * BLOCK) };
+        const data = disk.subarray(lba * BLOCK, (lba + count) * BLOCK);
+        if (this.readSegmentBytes === undefined) return { status: ScsiStatus.Good, dataIn: data };
+        const segments: Buffer[] = [];
+        for (let at = 0; at < data.length; at += this.readSegmentBytes) segments.push(data.subarray(at, at + this.readSegmentBytes));
+        this.segmentedReads++;
+        return {
+          status: ScsiStatus.Good,
+          dataInSegments: { segments, length: data.length, release: () => void this.segmentReleases++ },
+        };
       }
       case 0x2a:
       case 0x8a: {

@@ -219,6 +219,41 @@ describe('Data-In and residuals (RFC 7143 §11.7, §11.4.5)', () => {
     expect(f.residualCount).toBe(2048);
   });
 
+  it('sends a segmented read (slices split across PDUs, copied or not) and releases it once, after the socket wrote it', async () => {
+    const { tcpPort, port } = await start();
+    const c = await loggedIn(tcpPort, { MaxRecvDataSegmentLength: '65536', MaxBurstLength: '262144' });
+    const disk = port.luns.get(0)!;
+    disk.forEach((_, i) => (disk[i] = (i * 7 + (i >> 9)) & 0xff));
+    // Small PDUs are copied into the staging slab, big ones go to the socket as slices.
+    for (const [segmentBytes, blocks, expectedPdus] of [
+      [700, 8, 1],
+      [40_000, 512, 4],
+    ] as const) {
+      port.readSegmentBytes = segmentBytes;
+      const before = port.segmentReleases;
+      c.scsi(read10(16, blocks), { read: blocks * 512 });
+      const received = Buffer.alloc(blocks * 512);
+      for (let i = 0; i < expectedPdus; i++) {
+        const p = await c.expectPdu(Opcode.DataIn);
+        const f = decodeDataIn(p.bhs);
+        expect(f.dataSN).toBe(i);
+        expect(f.hasStatus).toBe(i === expectedPdus - 1);
+        p.data.copy(received, f.bufferOffset);
+      }
+      expect(received.equals(disk.subarray(16 * 512, (16 + blocks) * 512))).toBe(true);
+      expect(port.segmentReleases).toBe(before + 1);
+    }
+    // An initiator expecting less gets less (overflow) and the read is still released.
+    port.readSegmentBytes = 1000;
+    const before = port.segmentReleases;
+    c.scsi(read10(0, 8), { read: 2048 });
+    const p = await c.expectPdu(Opcode.DataIn);
+    expect(p.data.equals(disk.subarray(0, 2048))).toBe(true);
+    expect(decodeDataIn(p.bhs).overflow).toBe(true);
+    expect(port.segmentReleases).toBe(before + 1);
+    expect(port.segmentReleases).toBe(port.segmentedReads);
+  });
+
   it('CHECK CONDITION comes in a SCSI Response with SenseLength-prefixed sense data', async () => {
     const { tcpPort } = await start();
     const c = await loggedIn(tcpPort);
@@ -352,6 +387,36 @@ describe('task management (RFC 7143 §11.5)', () => {
     );
   });
 
+  it('a segmented read that completes after its task was aborted is released, not sent', async () => {
+    const { tcpPort, port } = await start();
+    const c = await loggedIn(tcpPort);
+    port.holdOpcode = 0x28;
+    port.answerAborted = true;
+    port.readSegmentBytes = 512;
+    const itt = c.scsi(read10(0, 4), { read: 2048 });
+    while (port.heldCount === 0) await new Promise((r) => setTimeout(r, 5));
+    c.send(
+      encodeTaskManagementRequest({
+        immediate: true,
+        function: TaskManagementFunction.AbortTask,
+        lun: 0,
+        itt: 902,
+        referencedTaskTag: itt,
+        cmdSN: c.cmdSN,
+        expStatSN: c.expStatSN,
+        refCmdSN: c.cmdSN - 1,
+        expDataSN: 0,
+      }),
+    );
+    expect(decodeTaskManagementResponse((await c.expectPdu(Opcode.TaskManagementResponse)).bhs).response).toBe(
+      TaskManagementResponseCode.FunctionComplete,
+    );
+    port.releaseHeld();
+    expect(await c.next(300)).toBeUndefined();
+    expect(port.segmentedReads).toBe(1);
+    expect(port.segmentReleases).toBe(1);
+  });
+
   it('LU reset calls the SCSI layer; unknown LUN and unsupported functions are answered properly', async () => {
     const { tcpPort, port } = await start();
     const c = await loggedIn(tcpPort);
@@ -482,6 +547,28 @@ describe('server stop', () => {
 });
 
 describe('flow control', () => {
+  it('keeps segmented reads unreleased while their data waits in the socket, releases each once it is written', async () => {
+    const { tcpPort, port } = await start();
+    // PDUs above the writer's copy limit: the slices themselves are queued on the socket.
+    const c = await loggedIn(tcpPort, { MaxRecvDataSegmentLength: '262144', MaxBurstLength: '1048576' });
+    port.readSegmentBytes = 100_000; // every PDU spans several slices
+    c.socket.pause();
+    const count = 40;
+    for (let i = 0; i < count; i++) c.scsi(read10(0, 2048), { read: 1024 * 1024 });
+    await new Promise((r) => setTimeout(r, 300));
+    expect(port.segmentedReads).toBeGreaterThan(0);
+    expect(port.segmentReleases).toBeLessThan(port.segmentedReads);
+    c.socket.resume();
+    let statusSeen = 0;
+    while (statusSeen < count) {
+      const p = await c.next(5000);
+      if (!p) throw new Error(`only ${statusSeen} of ${count} commands answered`);
+      if (opcodeOf(p.bhs) === Opcode.DataIn && decodeDataIn(p.bhs).hasStatus) statusSeen++;
+    }
+    expect(port.segmentedReads).toBe(count);
+    expect(port.segmentReleases).toBe(count);
+  }, 30_000);
+
   it('stops reading new commands while the initiator does not read responses, and catches up after', async () => {
     const { tcpPort, port } = await start();
     const c = await loggedIn(tcpPort);
