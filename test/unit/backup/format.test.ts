@@ -36,6 +36,20 @@ describe('chunk files', () => {
     await expect(decodeChunk(file, sha256(text), text.length)).rejects.toBeInstanceOf(CorruptChunkError);
   });
 
+  it('the serving path (no CRC check) still rejects a flipped payload byte, by its SHA-256', async () => {
+    for (const [content, compress] of [
+      [text, true],
+      [random, false],
+    ] as const) {
+      const { file } = await encodeChunk(content, compress);
+      expect((await decodeChunk(file, sha256(content), content.length, undefined, false)).equals(content)).toBe(true);
+      file[CHUNK_HEADER_SIZE + 10]! ^= 0x01;
+      const err = await decodeChunk(file, sha256(content), content.length, undefined, false).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(CorruptChunkError);
+      expect((err as CorruptChunkError).reason).toMatch(/SHA-256|inflate/);
+    }
+  });
+
   it('content that passes the CRC but not the SHA-256 is rejected (never wrong data)', async () => {
     const { file } = await encodeChunk(random, false);
     file[CHUNK_HEADER_SIZE + 5]! ^= 0x80;
