@@ -6,9 +6,13 @@
  *     --packages=external --outfile=node_modules/.cache/bench-backup.mjs
  *   node node_modules/.cache/bench-backup.mjs [--size-mib 1024] [--chunk-sizes 64,256,1024,4096]
  *     [--no-restic] [--no-cold] [--random-reads 2000] [--json FILE] [--dir DIR] [--deflate-level 1]
+ *     [--unaligned-system-files]
  *
  * The image: 4 MiB regions, in a fixed pseudo-random order: 30% zero, 25% system files (bytes of
- * /usr/lib and /usr/bin), 10% log-like text, 15% copies of earlier data regions (duplicate files),
+ * /usr/lib and /usr/bin, laid out as a filesystem does: each file from a 4 KiB block boundary, a
+ * hard-linked file once; `--unaligned-system-files` restores the first version of this bench, which
+ * concatenated files byte after byte and repeated hard links, e.g. Mesa's 25 MiB driver 9 times),
+ * 10% log-like text, 15% copies of earlier data regions (duplicate files),
  * 20% random (compressed or encrypted data). The incremental step rewrites 400 scattered 4 KiB
  * blocks and one 8 MiB run (~1% of a 1 GiB image).
  * Reader figures use the plain reader (no cache): a random 4 KiB read loads, verifies and inflates
@@ -38,10 +42,11 @@ interface Options {
   json: string | null;
   dir: string | null;
   deflateLevel: number | undefined;
+  unalignedSystemFiles: boolean;
 }
 
 function parseOptions(argv: string[]): Options {
-  const o: Options = { sizeMib: 1024, chunkSizes: [64, 256, 1024, 4096], restic: true, cold: true, randomReads: 2000, json: null, dir: null, deflateLevel: undefined };
+  const o: Options = { sizeMib: 1024, chunkSizes: [64, 256, 1024, 4096], restic: true, cold: true, randomReads: 2000, json: null, dir: null, deflateLevel: undefined, unalignedSystemFiles: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = (): string => {
@@ -57,6 +62,7 @@ function parseOptions(argv: string[]): Options {
     else if (a === '--json') o.json = next();
     else if (a === '--dir') o.dir = next();
     else if (a === '--deflate-level') o.deflateLevel = Number(next());
+    else if (a === '--unaligned-system-files') o.unalignedSystemFiles = true;
     else throw new Error(`unknown option ${a}`);
   }
   return o;
@@ -82,9 +88,15 @@ class Rng {
   }
 }
 
-/** Concatenated bytes of system files, to fill "system file" regions with real binaries and data. */
-function systemBytes(total: number): Buffer {
+/**
+ * Bytes of system files, to fill "system file" regions with real binaries and data. By default laid
+ * out as a filesystem stores them: each file starts at a 4 KiB block boundary (the slack stays
+ * zero) and a hard-linked file is stored once. `unaligned` concatenates every path's bytes.
+ */
+function systemBytes(total: number, unaligned: boolean): Buffer {
+  const block = 4096;
   const out = Buffer.alloc(total);
+  const seenInodes = new Set<string>();
   let filled = 0;
   const walk = (dir: string): void => {
     if (filled >= total) return;
@@ -105,9 +117,13 @@ function systemBytes(total: number): Buffer {
       }
       if (st.isDirectory()) walk(path);
       else if (st.isFile() && st.size > 0) {
+        const inode = `${st.dev}:${st.ino}`;
+        if (!unaligned && seenInodes.has(inode)) continue;
+        seenInodes.add(inode);
         const fd = openSync(path, 'r');
         try {
-          filled += readSync(fd, out, filled, Math.min(st.size, total - filled), 0);
+          const got = readSync(fd, out, filled, Math.min(st.size, total - filled), 0);
+          filled += unaligned ? got : Math.min(total, Math.ceil(got / block) * block);
         } catch {
           // unreadable file: skip
         } finally {
@@ -122,11 +138,11 @@ function systemBytes(total: number): Buffer {
   return out.subarray(0, filled);
 }
 
-async function makeImage(path: string, sizeMib: number): Promise<void> {
+async function makeImage(path: string, sizeMib: number, unalignedSystemFiles: boolean): Promise<void> {
   const region = 4 * MiB;
   const regions = Math.floor((sizeMib * MiB) / region);
   const rng = new Rng(0x1234567);
-  const system = systemBytes(Math.ceil(regions * 0.25) * region);
+  const system = systemBytes(Math.ceil(regions * 0.25) * region, unalignedSystemFiles);
   const fh = await fsp.open(path, 'w+');
   await fh.truncate(regions * region);
   const written: number[] = [];
@@ -263,7 +279,7 @@ async function main(): Promise<void> {
   const rows: Row[] = [];
   try {
     process.stderr.write(`generating ${o.sizeMib} MiB image in ${base} ...\n`);
-    await makeImage(image, o.sizeMib);
+    await makeImage(image, o.sizeMib, o.unalignedSystemFiles);
     const pristine = join(base, 'image.orig.raw');
     await exec('cp', ['--sparse=always', image, pristine]);
     const size = (await fsp.stat(image)).size;
@@ -368,7 +384,7 @@ async function main(): Promise<void> {
     const widths = header.map((_, c) => Math.max(...table.map((row) => row[c]!.length)));
     const lines = table.map((row) => '| ' + row.map((cell, c) => cell.padEnd(widths[c]!)).join(' | ') + ' |');
     lines.splice(1, 0, '|' + widths.map((w) => '-'.repeat(w + 2)).join('|') + '|');
-    process.stdout.write(`image ${o.sizeMib} MiB (${size} bytes), cold reads ${canDrop ? 'after drop_caches' : 'not measured'}\n`);
+    process.stdout.write(`image ${o.sizeMib} MiB (${size} bytes, system files ${o.unalignedSystemFiles ? 'concatenated, hard links repeated' : 'block-aligned, hard links once'}), cold reads ${canDrop ? 'after drop_caches' : 'not measured'}\n`);
     process.stdout.write(lines.join('\n') + '\n');
     if (o.json) writeFileSync(o.json, JSON.stringify({ sizeMib: o.sizeMib, rows }, null, 2));
   } finally {
