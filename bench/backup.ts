@@ -5,7 +5,8 @@
  *   npx esbuild bench/backup.ts --bundle --platform=node --format=esm --target=node20 \
  *     --packages=external --outfile=node_modules/.cache/bench-backup.mjs
  *   node node_modules/.cache/bench-backup.mjs [--size-mib 1024] [--chunk-sizes 64,256,1024,4096]
- *     [--no-restic] [--no-cold] [--random-reads 2000] [--json FILE] [--dir DIR] [--deflate-level 1]
+ *     [--no-restic] [--no-cold] [--random-reads 2000] [--json FILE] [--dir DIR]
+ *     [--codecs brotli:2,deflate:1]
  *     [--unaligned-system-files]
  *
  * The image: 4 MiB regions, in a fixed pseudo-random order: 30% zero, 25% system files (bytes of
@@ -26,6 +27,7 @@ import { promisify } from 'node:util';
 import { backupSource } from '../src/backup/engine.js';
 import { openRestorePoint } from '../src/backup/reader.js';
 import { RawSource } from '../src/backup/sources/raw.js';
+import { codecLevelProblem, DEFAULT_CODEC_LEVEL, type ChunkCodec } from '../src/backup/format.js';
 import { runBounded } from '../src/backup/writer.js';
 import type { DiskSource } from '../src/backup/types.js';
 
@@ -41,12 +43,13 @@ interface Options {
   randomReads: number;
   json: string | null;
   dir: string | null;
-  deflateLevel: number | undefined;
+  /** Codec:level pairs; one row per chunk size and pair. */
+  codecs: Array<{ codec: ChunkCodec; level: number }>;
   unalignedSystemFiles: boolean;
 }
 
 function parseOptions(argv: string[]): Options {
-  const o: Options = { sizeMib: 1024, chunkSizes: [64, 256, 1024, 4096], restic: true, cold: true, randomReads: 2000, json: null, dir: null, deflateLevel: undefined, unalignedSystemFiles: false };
+  const o: Options = { sizeMib: 1024, chunkSizes: [64, 256, 1024, 4096], restic: true, cold: true, randomReads: 2000, json: null, dir: null, codecs: [{ codec: 'brotli', level: DEFAULT_CODEC_LEVEL.brotli }], unalignedSystemFiles: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = (): string => {
@@ -61,7 +64,18 @@ function parseOptions(argv: string[]): Options {
     else if (a === '--random-reads') o.randomReads = Number(next());
     else if (a === '--json') o.json = next();
     else if (a === '--dir') o.dir = next();
-    else if (a === '--deflate-level') o.deflateLevel = Number(next());
+    else if (a === '--codecs') {
+      o.codecs = next()
+        .split(',')
+        .map((pair) => {
+          const [codec, level] = pair.split(':');
+          const c = codec as ChunkCodec;
+          const l = level === undefined ? DEFAULT_CODEC_LEVEL[c] : Number(level);
+          const problem = codecLevelProblem(c, l);
+          if (problem !== undefined) throw new Error(problem);
+          return { codec: c, level: l };
+        });
+    }
     else if (a === '--unaligned-system-files') o.unalignedSystemFiles = true;
     else throw new Error(`unknown option ${a}`);
   }
@@ -285,27 +299,28 @@ async function main(): Promise<void> {
     const size = (await fsp.stat(image)).size;
     const canDrop = o.cold && (await dropCaches());
 
-    for (const kib of o.chunkSizes) {
+    for (const kib of o.chunkSizes) for (const { codec, level } of o.codecs) {
+      const codecOptions = { codec, compressionLevel: level };
       await exec('cp', ['--sparse=always', pristine, image]);
       const repo = join(base, `repo-${kib}k`);
-      process.stderr.write(`bootrestore ${kib} KiB: full backup ...\n`);
+      process.stderr.write(`bootrestore ${kib} KiB ${codec}-${level}: full backup ...\n`);
       let source: DiskSource = await RawSource.open(image);
-      const full = await backupSource(repo, source, { vm: 'bench', chunkSize: kib * 1024, compressionLevel: o.deflateLevel });
+      const full = await backupSource(repo, source, { vm: 'bench', chunkSize: kib * 1024, ...codecOptions });
       await source.close();
       const fullStored = await duBytes(repo);
       const ranges = await modifyImage(image, size);
       source = await RawSource.open(image);
-      const inc = await backupSource(repo, source, { vm: 'bench', compressionLevel: o.deflateLevel });
+      const inc = await backupSource(repo, source, { vm: 'bench', ...codecOptions });
       await source.close();
       const incStored = (await duBytes(repo)) - fullStored;
       // The same change again via changed-block tracking (reads only the listed ranges).
       source = await RawSource.open(image);
-      const cbt = await backupSource(repo, source, { vm: 'bench', changedBlocks: ranges, compressionLevel: o.deflateLevel });
+      const cbt = await backupSource(repo, source, { vm: 'bench', changedBlocks: ranges, ...codecOptions });
       await source.close();
       process.stderr.write(`bootrestore ${kib} KiB: reads ...\n`);
       const row: Row = {
         tool: 'bootrestore',
-        chunk: `${kib} KiB`,
+        chunk: `${kib} KiB ${codec}-${level}`,
         fullMBps: size / full.stats.seconds / 1e6,
         fullStoredMiB: fullStored / MiB,
         fullSeconds: full.stats.seconds,

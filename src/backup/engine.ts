@@ -6,7 +6,7 @@
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { RepositoryError, SourceError } from './errors.js';
-import { chunkCountFor } from './format.js';
+import { chunkCountFor, type ChunkCodec } from './format.js';
 import { Repository, checkVmName } from './repository.js';
 import type { DiskSource } from './types.js';
 import { WriteSession, checkChunkSize, type ChunkContent, type WriteProgress, type WriteResult } from './writer.js';
@@ -35,7 +35,9 @@ export interface BackupOptions {
   readonly logger?: Logger;
   readonly concurrency?: number;
   readonly compress?: boolean;
-  /** zlib deflate level 1–9 for new chunks (default 1). */
+  /** Codec of new compressed chunks (default brotli). */
+  readonly codec?: ChunkCodec;
+  /** Codec level for new chunks: brotli 0–11 (default 2), deflate 1–9 (default 1). */
   readonly compressionLevel?: number;
   readonly onProgress?: (p: WriteProgress) => void;
 }
@@ -98,6 +100,7 @@ export async function backupSource(repoDir: string, source: DiskSource, options:
         concurrency: options.concurrency,
         compress: options.compress,
         compressionLevel: options.compressionLevel,
+        codec: options.codec,
         onProgress: options.onProgress,
       },
     );

@@ -3,12 +3,14 @@
  * Layouts are documented in docs/repository-format.md; all integers are little-endian.
  */
 import { createHash } from 'node:crypto';
-import { crc32, deflateRaw, inflateRaw, constants as zlibConstants } from 'node:zlib';
+import { brotliCompress, brotliDecompress, crc32, deflateRaw, inflateRaw, constants as zlibConstants } from 'node:zlib';
 import { promisify } from 'node:util';
 import { CorruptChunkError, RepositoryError } from './errors.js';
 
 const deflateRawAsync = promisify(deflateRaw);
 const inflateRawAsync = promisify(inflateRaw);
+const brotliCompressAsync = promisify(brotliCompress);
+const brotliDecompressAsync = promisify(brotliDecompress);
 
 // ---------------------------------------------------------------------------------------------
 // Chunk files
@@ -21,8 +23,28 @@ export const CHUNK_HEADER_SIZE = 24;
 
 export const enum ChunkCompression {
   None = 0,
-  /** Raw DEFLATE (RFC 1951) at level 1, via node:zlib's async API (libuv thread pool). */
+  /** Raw DEFLATE (RFC 1951), via node:zlib's async API (libuv thread pool). */
   Deflate = 1,
+  /** Brotli (RFC 7932), via node:zlib's async API (libuv thread pool). */
+  Brotli = 2,
+}
+
+/** Codecs a backup can compress new chunks with; every reader decodes all of them. */
+export type ChunkCodec = 'brotli' | 'deflate';
+export const CHUNK_CODECS: readonly ChunkCodec[] = ['brotli', 'deflate'];
+/** Default codec and levels (docs/repository-format.md, "Codec choice"). */
+export const DEFAULT_CODEC: ChunkCodec = 'brotli';
+export const DEFAULT_CODEC_LEVEL: Readonly<Record<ChunkCodec, number>> = { brotli: 2, deflate: 1 };
+/** Valid levels: deflate 1–9, brotli quality 0–11. */
+export const CODEC_LEVELS: Readonly<Record<ChunkCodec, readonly [number, number]>> = { brotli: [0, 11], deflate: [1, 9] };
+
+/** Why a codec/level pair is invalid, or undefined when it is valid. */
+export function codecLevelProblem(codec: string, level: number | undefined): string | undefined {
+  if (!(CHUNK_CODECS as readonly string[]).includes(codec)) return `unknown compression "${codec}": use ${CHUNK_CODECS.join(', ')} or none`;
+  if (level === undefined) return undefined;
+  const [min, max] = CODEC_LEVELS[codec as ChunkCodec];
+  if (!Number.isInteger(level) || level < min || level > max) return `${codec} level ${level} is invalid: use ${min} to ${max}`;
+  return undefined;
 }
 
 /** Compression is kept only if it saves at least this fraction of the chunk. */
@@ -85,13 +107,12 @@ export interface EncodedChunkParts {
   readonly storedLength: number;
 }
 
-/** Default deflate level (see docs/repository-format.md, "Codec choice"); inflate is level-independent. */
-export const DEFAULT_DEFLATE_LEVEL = 1;
-
 export interface EncodeOptions {
-  /** Try deflate (default true). */
+  /** Try to compress (default true). */
   readonly compress?: boolean;
-  /** zlib level 1–9 (default DEFAULT_DEFLATE_LEVEL). Any level yields the same format. */
+  /** Codec for compressible chunks (default DEFAULT_CODEC). */
+  readonly codec?: ChunkCodec;
+  /** Codec level (default DEFAULT_CODEC_LEVEL[codec]); the level is not recorded: decoding does not need it. */
   readonly level?: number;
 }
 
@@ -99,8 +120,8 @@ export interface EncodeOptions {
  * Build a chunk file: 24-byte header (magic, version, compression, uncompressed length, stored
  * length, CRC32 of the stored payload) followed by the payload. Deflate runs off the event loop.
  */
-export async function encodeChunk(data: Buffer, compress = true): Promise<EncodedChunk> {
-  const parts = await encodeChunkParts(data, { compress });
+export async function encodeChunk(data: Buffer, options: EncodeOptions = {}): Promise<EncodedChunk> {
+  const parts = await encodeChunkParts(data, options);
   const file = Buffer.allocUnsafe(CHUNK_HEADER_SIZE + parts.payload.length);
   parts.header.copy(file, 0);
   parts.payload.copy(file, CHUNK_HEADER_SIZE);
@@ -115,16 +136,24 @@ export async function encodeChunkParts(data: Buffer, options: EncodeOptions = {}
   let payload = data;
   let compression = ChunkCompression.None;
   if ((options.compress ?? true) && data.length > 0 && (await looksCompressible(data))) {
+    const codec = options.codec ?? DEFAULT_CODEC;
+    const level = options.level ?? DEFAULT_CODEC_LEVEL[codec];
     // One output buffer of the chunk's size: zlib's default 16 KiB output steps cost one thread-pool
     // round trip each. Output beyond 90 % of the input is discarded anyway.
-    const deflated = await deflateRawAsync(data, {
-      level: options.level ?? DEFAULT_DEFLATE_LEVEL,
-      strategy: zlibConstants.Z_DEFAULT_STRATEGY,
-      chunkSize: Math.max(zlibConstants.Z_MIN_CHUNK, data.length),
-    });
-    if (deflated.length <= data.length * (1 - MIN_SAVING)) {
-      payload = deflated;
-      compression = ChunkCompression.Deflate;
+    const outputBytes = Math.max(zlibConstants.Z_MIN_CHUNK, data.length);
+    const compressed =
+      codec === 'brotli'
+        ? await brotliCompressAsync(data, {
+            chunkSize: outputBytes,
+            params: {
+              [zlibConstants.BROTLI_PARAM_QUALITY]: level,
+              [zlibConstants.BROTLI_PARAM_SIZE_HINT]: data.length,
+            },
+          })
+        : await deflateRawAsync(data, { level, strategy: zlibConstants.Z_DEFAULT_STRATEGY, chunkSize: outputBytes });
+    if (compressed.length <= data.length * (1 - MIN_SAVING)) {
+      payload = compressed;
+      compression = codec === 'brotli' ? ChunkCompression.Brotli : ChunkCompression.Deflate;
     }
   }
   const header = Buffer.allocUnsafe(CHUNK_HEADER_SIZE);
@@ -175,18 +204,21 @@ export async function decodeChunk(
   if (compression === ChunkCompression.None) {
     if (storedLength !== uncompressedLength) throw fail('stored length differs from length of an uncompressed chunk');
     data = payload;
-  } else if (compression === ChunkCompression.Deflate) {
+  } else if (compression === ChunkCompression.Deflate || compression === ChunkCompression.Brotli) {
+    const brotli = compression === ChunkCompression.Brotli;
+    // Output buffer of the expected size: one thread-pool round trip instead of one per 16 KiB;
+    // + 64: room to see the end of the stream without another round trip. maxOutputLength bounds a
+    // corrupt stream's output.
+    const limits = {
+      maxOutputLength: Math.max(1, uncompressedLength),
+      chunkSize: Math.max(zlibConstants.Z_MIN_CHUNK, uncompressedLength + 64),
+    };
     try {
-      // Output buffer of the expected size: one thread-pool round trip instead of one per 16 KiB.
-      data = await inflateRawAsync(payload, {
-        maxOutputLength: Math.max(1, uncompressedLength),
-        // + 64: room to see the end of the stream without another round trip.
-        chunkSize: Math.max(zlibConstants.Z_MIN_CHUNK, uncompressedLength + 64),
-      });
+      data = brotli ? await brotliDecompressAsync(payload, limits) : await inflateRawAsync(payload, limits);
     } catch (err) {
-      throw fail(`inflate failed: ${err instanceof Error ? err.message : String(err)}`);
+      throw fail(`${brotli ? 'brotli decompression' : 'inflate'} failed: ${err instanceof Error ? err.message : String(err)}`);
     }
-    if (data.length !== uncompressedLength) throw fail(`inflated to ${data.length} bytes, expected ${uncompressedLength}`);
+    if (data.length !== uncompressedLength) throw fail(`decompressed to ${data.length} bytes, expected ${uncompressedLength}`);
   } else {
     throw fail(`unknown compression kind ${compression}`);
   }

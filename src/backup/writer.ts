@@ -16,7 +16,10 @@ import {
   DIGEST_LENGTH,
   ZERO_DIGEST,
   chunkCountFor,
+  DEFAULT_CODEC,
+  codecLevelProblem,
   encodeChunkParts,
+  type ChunkCodec,
   encodeIndex,
   isAllZero,
   isZeroDigest,
@@ -61,9 +64,11 @@ export interface WriteOptions {
   readonly logger?: Logger;
   /** Chunks processed at once (default 8). */
   readonly concurrency?: number;
-  /** Try deflate on each chunk (default true). */
+  /** Try to compress each chunk (default true). */
   readonly compress?: boolean;
-  /** zlib deflate level 1–9 (default 1, docs/repository-format.md "Codec choice"). */
+  /** Codec of new compressed chunks (default brotli, docs/repository-format.md "Codec choice"). */
+  readonly codec?: ChunkCodec;
+  /** Codec level: brotli 0–11 (default 2), deflate 1–9 (default 1). */
   readonly compressionLevel?: number;
   readonly onProgress?: (p: WriteProgress) => void;
   /** Name of the command for lock/marker files (default "write"). */
@@ -199,9 +204,9 @@ export class WriteSession {
     const compress = options.compress ?? true;
 
     const compressionLevel = options.compressionLevel;
-    if (compressionLevel !== undefined && (!Number.isInteger(compressionLevel) || compressionLevel < 1 || compressionLevel > 9)) {
-      throw new RepositoryError(`compression level ${compressionLevel} is invalid: use 1 to 9`);
-    }
+    const codec = options.codec ?? DEFAULT_CODEC;
+    const codecProblem = codecLevelProblem(codec, compressionLevel);
+    if (codecProblem !== undefined) throw new RepositoryError(codecProblem);
     // Chunk prefix directories present when the write starts, listed once. A chunk whose prefix
     // directory was absent cannot have existed then: it needs neither the adoption probe (utimes,
     // which fails with ENOENT for every new chunk of a fresh repository) nor a mkdir probe. A
@@ -246,7 +251,7 @@ export class WriteSession {
             await fsp.mkdir(dir, { recursive: true });
             createdDirs.add(dir);
           }
-          const encoded = await encodeChunkParts(data, { compress, level: compressionLevel });
+          const encoded = await encodeChunkParts(data, { compress, codec, ...(compressionLevel !== undefined ? { level: compressionLevel } : {}) });
           await batch.add(path, dir, encoded.header, encoded.payload);
           newBytesUncompressed += data.length;
           newBytesStored += encoded.storedLength;

@@ -1,12 +1,14 @@
-/** `bootrestore backup SOURCE --repo DIR --vm NAME [--chunk-size N] [--changed-blocks FILE] [--json]` */
+/** `bootrestore backup SOURCE --repo DIR --vm NAME [--chunk-size N] [--changed-blocks FILE] [--compression C] [--compression-level N] [--json]` */
 import { readFile } from 'node:fs/promises';
 import { parseArgs, requireValue, UsageError } from '../args.js';
 import { createRootLogger } from '../../log.js';
 import { openSource } from '../../backup/sources/open.js';
 import { backupSource, parseChangedBlocks, type ByteRange } from '../../backup/engine.js';
+import { codecLevelProblem, DEFAULT_CODEC_LEVEL, type ChunkCodec } from '../../backup/format.js';
 import { ProgressBar, formatBytes, parseSize, printJson, usageRequested, useLargerThreadPool } from '../../backup/cli-support.js';
 
-const USAGE = `usage: bootrestore backup SOURCE --repo DIR --vm NAME [--chunk-size N] [--changed-blocks FILE] [--json]
+const USAGE = `usage: bootrestore backup SOURCE --repo DIR --vm NAME [--chunk-size N] [--changed-blocks FILE]
+                          [--compression brotli|deflate|none] [--compression-level N] [--json]
 
 Back up a disk image (raw, qcow2, VMDK) as a new restore point of VM NAME. The repository is
 created if DIR does not exist or is empty. The first backup of a VM is full and fixes its chunk
@@ -15,6 +17,10 @@ whose content changed.
   --changed-blocks FILE  read only these byte ranges and take every other chunk from the previous
                          restore point. FILE: JSON [{"offset":N,"length":N},...] or lines
                          "offset length" (decimal or 0x hex; '#' starts a comment).
+  --compression C        codec of new chunks: brotli (default, level ${DEFAULT_CODEC_LEVEL.brotli}; 0..11), deflate
+                         (level ${DEFAULT_CODEC_LEVEL.deflate}; 1..9) or none. Chunks that do not shrink by 10 % are stored
+                         as they are. Every reader reads every codec; dedup does not depend on it.
+  --compression-level N  the codec's level (higher: smaller and slower to write)
   --json                 print the result as JSON on stdout`;
 
 export async function run(argv: string[]): Promise<number> {
@@ -23,7 +29,7 @@ export async function run(argv: string[]): Promise<number> {
     process.stdout.write(USAGE + '\n');
     return 0;
   }
-  const args = parseArgs(argv, { values: ['repo', 'vm', 'chunk-size', 'changed-blocks'], booleans: ['json'] });
+  const args = parseArgs(argv, { values: ['repo', 'vm', 'chunk-size', 'changed-blocks', 'compression', 'compression-level'], booleans: ['json'] });
   if (args.positionals.length !== 1) throw new UsageError('backup needs exactly one SOURCE image');
   const sourcePath = args.positionals[0]!;
   const repoDir = requireValue(args, 'repo');
@@ -33,6 +39,15 @@ export async function run(argv: string[]): Promise<number> {
   const changedFile = args.values.get('changed-blocks');
   let changedBlocks: ByteRange[] | undefined;
   if (changedFile !== undefined) changedBlocks = parseChangedBlocks(await readFile(changedFile, 'utf8'), changedFile);
+  const compression = args.values.get('compression') ?? 'brotli';
+  const levelText = args.values.get('compression-level');
+  const compressionLevel = levelText === undefined ? undefined : Number(levelText);
+  if (compression === 'none') {
+    if (levelText !== undefined) throw new UsageError('--compression-level needs a codec (--compression brotli or deflate)');
+  } else {
+    const problem = codecLevelProblem(compression, compressionLevel);
+    if (problem !== undefined) throw new UsageError(`--compression/--compression-level: ${problem}`);
+  }
   const json = args.booleans.has('json');
   const logger = createRootLogger(process.env.BOOTRESTORE_LOG_LEVEL ?? 'warn').child({ command: 'backup', vm });
 
@@ -45,6 +60,9 @@ export async function run(argv: string[]): Promise<number> {
       chunkSize,
       changedBlocks,
       logger,
+      compress: compression !== 'none',
+      ...(compression !== 'none' ? { codec: compression as ChunkCodec } : {}),
+      ...(compressionLevel !== undefined ? { compressionLevel } : {}),
       onProgress: (p) => bar.update(p.chunksDone, p.chunkCount, p.bytesDone),
     });
   } finally {

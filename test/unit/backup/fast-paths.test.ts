@@ -90,17 +90,37 @@ describe('writer fast paths', () => {
     expect((await readAll('a')).equals(img)).toBe(true);
   });
 
-  it('higher deflate levels produce readable chunks in the same format; an invalid level publishes nothing', async () => {
+  it('codecs and levels give readable chunks in the same format; an invalid codec or level publishes nothing', async () => {
     const img = image();
-    const level1 = await backupSource(join(dir, 'r1'), new BufferSource(img), { vm: 'v', chunkSize: CHUNK, logger: silentLogger() });
-    const level6 = await backupSource(repo, new BufferSource(img), { vm: 'v', chunkSize: CHUNK, compressionLevel: 6, logger: silentLogger() });
+    const level1 = await backupSource(join(dir, 'r1'), new BufferSource(img), { vm: 'v', chunkSize: CHUNK, codec: 'deflate', logger: silentLogger() });
+    const level6 = await backupSource(repo, new BufferSource(img), { vm: 'v', chunkSize: CHUNK, codec: 'deflate', compressionLevel: 6, logger: silentLogger() });
     expect(level6.stats.newChunks).toBe(level1.stats.newChunks);
     expect(level6.stats.newBytesStored).toBeLessThanOrEqual(level1.stats.newBytesStored);
     expect(level6.stats.newBytesStored).toBeLessThan(level6.stats.newBytesUncompressed);
     expect((await readAll('v')).equals(img)).toBe(true);
-    for (const bad of [0, 10, 2.5]) {
+    // The same image with the default codec (brotli) in another repository: smaller, same content.
+    const brotli = await backupSource(join(dir, 'r2'), new BufferSource(img), { vm: 'v', chunkSize: CHUNK, logger: silentLogger() });
+    expect(brotli.stats.newChunks).toBe(level1.stats.newChunks);
+    expect(brotli.stats.newBytesStored).toBeLessThan(level1.stats.newBytesStored);
+    const reader = await openRestorePoint(join(dir, 'r2'), 'v', 'latest');
+    expect((await reader.read(0, img.length)).equals(img)).toBe(true);
+    await reader.close();
+    for (const [codec, bad] of [
+      ['deflate', 0],
+      ['deflate', 10],
+      ['brotli', 12],
+      ['brotli', -1],
+      ['brotli', 2.5],
+      ['zstd', undefined],
+    ] as const) {
       await expect(
-        backupSource(repo, new BufferSource(img), { vm: 'w', chunkSize: CHUNK, compressionLevel: bad, logger: silentLogger() }),
+        backupSource(repo, new BufferSource(img), {
+          vm: 'w',
+          chunkSize: CHUNK,
+          codec: codec as 'brotli',
+          ...(bad !== undefined ? { compressionLevel: bad } : {}),
+          logger: silentLogger(),
+        }),
       ).rejects.toThrow(RepositoryError);
     }
     const r = await Repository.open(repo);

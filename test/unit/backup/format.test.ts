@@ -18,11 +18,20 @@ describe('chunk files', () => {
   const text = Buffer.from('the quick brown fox jumps over the lazy dog\n'.repeat(3000));
   const random = pseudoRandomBytes(64 * 1024, 7);
 
-  it('deflates compressible data and stores random data uncompressed; both decode to the original', async () => {
+  it('compresses compressible data (brotli by default, deflate on request), stores random data as is; all decode', async () => {
     const a = await encodeChunk(text);
-    expect(a.compression).toBe(ChunkCompression.Deflate);
+    expect(a.compression).toBe(ChunkCompression.Brotli);
     expect(a.file.length).toBeLessThan(text.length / 4);
     expect((await decodeChunk(a.file, sha256(text), text.length)).equals(text)).toBe(true);
+    for (const level of [0, 5, 11]) {
+      const br = await encodeChunk(text, { codec: 'brotli', level });
+      expect(br.compression).toBe(ChunkCompression.Brotli);
+      expect((await decodeChunk(br.file, sha256(text), text.length)).equals(text)).toBe(true);
+    }
+    const d = await encodeChunk(text, { codec: 'deflate' });
+    expect(d.compression).toBe(ChunkCompression.Deflate);
+    expect(d.file.length).toBeLessThan(text.length / 4);
+    expect((await decodeChunk(d.file, sha256(text), text.length)).equals(text)).toBe(true);
     const b = await encodeChunk(random);
     expect(b.compression).toBe(ChunkCompression.None);
     expect(b.file.length).toBe(CHUNK_HEADER_SIZE + random.length);
@@ -30,10 +39,25 @@ describe('chunk files', () => {
   });
 
   it('a flipped payload byte fails the CRC', async () => {
-    const { file } = await encodeChunk(text);
-    file[CHUNK_HEADER_SIZE + 10]! ^= 0x01;
-    await expect(decodeChunk(file, sha256(text), text.length, '/x/chunk')).rejects.toThrow(/CRC32 mismatch/);
-    await expect(decodeChunk(file, sha256(text), text.length)).rejects.toBeInstanceOf(CorruptChunkError);
+    for (const codec of ['brotli', 'deflate'] as const) {
+      const { file } = await encodeChunk(text, { codec });
+      file[CHUNK_HEADER_SIZE + 10]! ^= 0x01;
+      await expect(decodeChunk(file, sha256(text), text.length, '/x/chunk')).rejects.toThrow(/CRC32 mismatch/);
+      await expect(decodeChunk(file, sha256(text), text.length)).rejects.toBeInstanceOf(CorruptChunkError);
+    }
+  });
+
+  it('a corrupt compressed stream with a matching CRC is a corrupt chunk, never wrong data or a crash', async () => {
+    for (const codec of ['brotli', 'deflate'] as const) {
+      for (const at of [0, 7, 40]) {
+        const { file } = await encodeChunk(text, { codec });
+        file[CHUNK_HEADER_SIZE + at]! ^= 0x5a;
+        file.writeUInt32LE(crc32(file.subarray(CHUNK_HEADER_SIZE)), 16);
+        const err = await decodeChunk(file, sha256(text), text.length).catch((e: unknown) => e);
+        expect(err).toBeInstanceOf(CorruptChunkError);
+        expect((err as CorruptChunkError).reason).toMatch(/decompress|inflate|SHA-256/);
+      }
+    }
   });
 
   it('the serving path (no CRC check) still rejects a flipped payload byte, by its SHA-256', async () => {
@@ -41,7 +65,7 @@ describe('chunk files', () => {
       [text, true],
       [random, false],
     ] as const) {
-      const { file } = await encodeChunk(content, compress);
+      const { file } = await encodeChunk(content, { compress });
       expect((await decodeChunk(file, sha256(content), content.length, undefined, false)).equals(content)).toBe(true);
       file[CHUNK_HEADER_SIZE + 10]! ^= 0x01;
       const err = await decodeChunk(file, sha256(content), content.length, undefined, false).catch((e: unknown) => e);
@@ -51,7 +75,7 @@ describe('chunk files', () => {
   });
 
   it('content that passes the CRC but not the SHA-256 is rejected (never wrong data)', async () => {
-    const { file } = await encodeChunk(random, false);
+    const { file } = await encodeChunk(random, { compress: false });
     file[CHUNK_HEADER_SIZE + 5]! ^= 0x80;
     file.writeUInt32LE(crc32(file.subarray(CHUNK_HEADER_SIZE)), 16);
     const err = await decodeChunk(file, sha256(random), random.length, '/repo/chunks/ab/cd').catch((e: unknown) => e);
