@@ -115,7 +115,7 @@ export async function collectGarbage(repoDir: string, options: GcOptions = {}): 
       throw err;
     });
     for (const prefix of prefixes.sort()) {
-      if (!/^[0-9a-f]{4}$/.test(prefix)) continue;
+      if (!repo.isChunkPrefix(prefix)) continue;
       const dir = join(chunksDir, prefix);
       let changed = false;
       for (const name of await fsp.readdir(dir)) {

@@ -43,8 +43,17 @@ export function errnoCode(err: unknown): string | undefined {
   return typeof err === 'object' && err !== null && 'code' in err ? String((err as { code: unknown }).code) : undefined;
 }
 
+/** Hex digits of a chunk's directory name in new repositories: 256 directories, as git and restic use. */
+export const CHUNK_PREFIX_LENGTH = 2;
+/** Repositories whose repo.json has no `chunkPrefixLength` (the first layout) use 4 (65,536 directories). */
+const LEGACY_CHUNK_PREFIX_LENGTH = 4;
+
 export class Repository {
-  private constructor(readonly dir: string) {}
+  private constructor(
+    readonly dir: string,
+    /** Hex digits of the digest that name a chunk's directory (`chunks/<prefix>/<digest>`). */
+    readonly chunkPrefixLength: number,
+  ) {}
 
   /** Open an existing repository; throws RepositoryError naming the path and reason. */
   static async open(dir: string): Promise<Repository> {
@@ -64,14 +73,18 @@ export class Repository {
     } catch {
       throw new RepositoryError(`${marker} is not valid JSON`);
     }
-    const p = parsed as { format?: unknown; version?: unknown };
+    const p = parsed as { format?: unknown; version?: unknown; chunkPrefixLength?: unknown };
     if (typeof parsed !== 'object' || parsed === null || p.format !== REPOSITORY_FORMAT) {
       throw new RepositoryError(`${marker} is not a bootrestore repository marker`);
     }
     if (p.version !== REPOSITORY_FORMAT_VERSION) {
       throw new RepositoryError(`${marker}: unsupported repository format version ${String(p.version)}`);
     }
-    return new Repository(dir);
+    const prefixLength = p.chunkPrefixLength ?? LEGACY_CHUNK_PREFIX_LENGTH;
+    if (typeof prefixLength !== 'number' || !Number.isInteger(prefixLength) || prefixLength < 1 || prefixLength > 4) {
+      throw new RepositoryError(`${marker}: chunkPrefixLength must be an integer from 1 to 4 (got ${JSON.stringify(prefixLength)})`);
+    }
+    return new Repository(dir, prefixLength);
   }
 
   /** Open the repository, creating it if `dir` does not exist or is an empty directory. */
@@ -86,21 +99,31 @@ export class Repository {
     await fsp.mkdir(dir, { recursive: true });
     for (const sub of ['chunks', 'vms', 'locks', 'writers']) await fsp.mkdir(join(dir, sub), { recursive: true });
     const marker = JSON.stringify(
-      { format: REPOSITORY_FORMAT, version: REPOSITORY_FORMAT_VERSION, created: new Date().toISOString() },
+      { format: REPOSITORY_FORMAT, version: REPOSITORY_FORMAT_VERSION, created: new Date().toISOString(), chunkPrefixLength: CHUNK_PREFIX_LENGTH },
       null,
       2,
     );
     await writeFileAtomic(join(dir, 'repo.json'), Buffer.from(marker + '\n'));
     await fsyncDir(dir);
-    return { repo: new Repository(dir), created: true };
+    return { repo: new Repository(dir, CHUNK_PREFIX_LENGTH), created: true };
+  }
+
+  /** Name of the directory (under chunks/) that holds a chunk. */
+  chunkPrefix(digestHex: string): string {
+    return digestHex.slice(0, this.chunkPrefixLength);
   }
 
   chunkDir(digestHex: string): string {
-    return join(this.dir, 'chunks', digestHex.slice(0, 4));
+    return join(this.dir, 'chunks', this.chunkPrefix(digestHex));
   }
 
   chunkPath(digestHex: string): string {
-    return join(this.dir, 'chunks', digestHex.slice(0, 4), digestHex);
+    return join(this.dir, 'chunks', this.chunkPrefix(digestHex), digestHex);
+  }
+
+  /** Whether a name under chunks/ is a chunk directory of this repository's layout. */
+  isChunkPrefix(name: string): boolean {
+    return name.length === this.chunkPrefixLength && /^[0-9a-f]+$/.test(name);
   }
 
   vmDir(vm: string): string {

@@ -229,7 +229,7 @@ export class WriteSession {
       let result: 'new' | 'dedup' = 'dedup';
       const work = (async () => {
         const path = repo.chunkPath(hex);
-        const prefix = hex.slice(0, 4);
+        const prefix = repo.chunkPrefix(hex);
         const dir = repo.chunkDir(hex);
         // An existing file is adopted; bumping its mtime tells a concurrent gc it is in use.
         let exists = false;
@@ -511,17 +511,19 @@ class DurableBatch {
   }
 
   private async syncAndRename(files: PendingFile[]): Promise<void> {
-    let renamed = 0;
+    const renamed = new Set<PendingFile>();
     try {
       await runBounded(files.length, 32, (k) => files[k]!.handle.datasync());
-      for (const f of files) await f.handle.close();
-      for (const f of files) {
+      // Each file is durable now: close and rename them in any order (the index comes later).
+      await runBounded(files.length, 32, async (k) => {
+        const f = files[k]!;
+        await f.handle.close();
         await fsp.rename(f.tmp, f.final);
-        renamed++;
+        renamed.add(f);
         this.onRenamed(f.dir);
-      }
+      });
     } catch (err) {
-      await discardFiles(files.slice(renamed));
+      await discardFiles(files.filter((f) => !renamed.has(f)));
       throw err;
     }
   }

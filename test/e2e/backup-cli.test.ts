@@ -235,7 +235,7 @@ describe('bootrestore backup / export / verify / list with qemu-img images', () 
 
     const reader = await openRestorePoint(repo, 'c1', p1.id);
     const digest = reader.chunkDigest(3)!.toString('hex');
-    const path = join(repo, 'chunks', digest.slice(0, 4), digest);
+    const path = join(repo, 'chunks', digest.slice(0, 2), digest);
     const original = await fsp.readFile(path);
     const damaged = Buffer.from(original);
     damaged[1000]! ^= 0x20;

@@ -226,7 +226,7 @@ describe('corruption', () => {
 
     const reader = await openRestorePoint(repo, 'vm1', p1.info.id);
     const digest = reader.chunkDigest(4)!.toString('hex');
-    const path = join(repo, 'chunks', digest.slice(0, 4), digest);
+    const path = join(repo, 'chunks', digest.slice(0, 2), digest);
     const file = await fsp.readFile(path);
     file[file.length - 3]! ^= 0x04;
     await fsp.writeFile(path, file);
