@@ -353,3 +353,38 @@ describe('gc beside a running backup', () => {
     }
   });
 });
+
+describe('chunk directory layout', () => {
+  it('new repositories use 2-digit chunk directories; a repository of the first layout (4 digits) keeps working', async () => {
+    const img = sampleImage();
+    await backupSource(repo, new BufferSource(img), { vm: 'a', chunkSize: CHUNK, logger: silentLogger() });
+    const marker = JSON.parse(await fsp.readFile(join(repo, 'repo.json'), 'utf8')) as Record<string, unknown>;
+    expect(marker.chunkPrefixLength).toBe(2);
+    for (const f of await chunkFiles(repo)) expect(f.split('/').at(-2)).toHaveLength(2);
+
+    // Turn it into the first layout: no chunkPrefixLength in repo.json, chunks/<4 hex>/<digest>.
+    delete marker.chunkPrefixLength;
+    await fsp.writeFile(join(repo, 'repo.json'), JSON.stringify(marker));
+    for (const f of await chunkFiles(repo)) {
+      const name = f.split('/').at(-1)!;
+      await fsp.mkdir(join(repo, 'chunks', name.slice(0, 4)), { recursive: true });
+      await fsp.rename(f, join(repo, 'chunks', name.slice(0, 4), name));
+    }
+    for (const prefix of await fsp.readdir(join(repo, 'chunks'))) if (prefix.length === 2) await fsp.rmdir(join(repo, 'chunks', prefix));
+    expect((await readAll('a', 'latest')).equals(img)).toBe(true);
+    const changed = Buffer.from(img);
+    pseudoRandomBytes(CHUNK, 99).copy(changed, 3 * CHUNK);
+    const inc = await backupSource(repo, new BufferSource(changed), { vm: 'a', logger: silentLogger() });
+    expect(inc.stats.newChunks).toBe(1);
+    for (const f of await chunkFiles(repo)) expect(f.split('/').at(-2)).toHaveLength(4);
+    expect((await readAll('a', 'latest')).equals(changed)).toBe(true);
+    expect((await verifyRepository(repo)).problems).toEqual([]);
+    await pruneVm(repo, 'a', 1);
+    expect((await collectGarbage(repo, { graceMs: 0 })).removedChunks).toBe(1);
+    expect((await readAll('a', 'latest')).equals(changed)).toBe(true);
+
+    marker.chunkPrefixLength = 7;
+    await fsp.writeFile(join(repo, 'repo.json'), JSON.stringify(marker));
+    await expect(openRestorePoint(repo, 'a', 'latest')).rejects.toThrow(/chunkPrefixLength must be an integer from 1 to 4/);
+  });
+});
