@@ -6,7 +6,7 @@
  *     --packages=external --outfile=node_modules/.cache/bench-backup.mjs
  *   node node_modules/.cache/bench-backup.mjs [--size-mib 1024] [--chunk-sizes 64,256,1024,4096]
  *     [--no-restic] [--no-cold] [--random-reads 2000] [--json FILE] [--dir DIR]
- *     [--codecs brotli:2,deflate:1]
+ *     [--codecs deflate:1,brotli:2]  (default: deflate:1)
  *     [--unaligned-system-files]
  *
  * The image: 4 MiB regions, in a fixed pseudo-random order: 30% zero, 25% system files (bytes of
@@ -27,7 +27,7 @@ import { promisify } from 'node:util';
 import { backupSource } from '../src/backup/engine.js';
 import { openRestorePoint } from '../src/backup/reader.js';
 import { RawSource } from '../src/backup/sources/raw.js';
-import { codecLevelProblem, DEFAULT_CODEC_LEVEL, type ChunkCodec } from '../src/backup/format.js';
+import { codecLevelProblem, DEFAULT_CODEC, DEFAULT_CODEC_LEVEL, type ChunkCodec } from '../src/backup/format.js';
 import { runBounded } from '../src/backup/writer.js';
 import type { DiskSource } from '../src/backup/types.js';
 
@@ -49,7 +49,7 @@ interface Options {
 }
 
 function parseOptions(argv: string[]): Options {
-  const o: Options = { sizeMib: 1024, chunkSizes: [64, 256, 1024, 4096], restic: true, cold: true, randomReads: 2000, json: null, dir: null, codecs: [{ codec: 'brotli', level: DEFAULT_CODEC_LEVEL.brotli }], unalignedSystemFiles: false };
+  const o: Options = { sizeMib: 1024, chunkSizes: [64, 256, 1024, 4096], restic: true, cold: true, randomReads: 2000, json: null, dir: null, codecs: [{ codec: DEFAULT_CODEC, level: DEFAULT_CODEC_LEVEL[DEFAULT_CODEC] }], unalignedSystemFiles: false };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = (): string => {

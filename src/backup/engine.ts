@@ -35,7 +35,7 @@ export interface BackupOptions {
   readonly logger?: Logger;
   readonly concurrency?: number;
   readonly compress?: boolean;
-  /** Codec of new compressed chunks (default brotli). */
+  /** Codec of new compressed chunks (default deflate). */
   readonly codec?: ChunkCodec;
   /** Codec level for new chunks: brotli 0–11 (default 2), deflate 1–9 (default 1). */
   readonly compressionLevel?: number;

@@ -4,7 +4,7 @@ import { parseArgs, requireValue, UsageError } from '../args.js';
 import { createRootLogger } from '../../log.js';
 import { openSource } from '../../backup/sources/open.js';
 import { backupSource, parseChangedBlocks, type ByteRange } from '../../backup/engine.js';
-import { codecLevelProblem, DEFAULT_CODEC_LEVEL, type ChunkCodec } from '../../backup/format.js';
+import { codecLevelProblem, DEFAULT_CODEC, DEFAULT_CODEC_LEVEL, type ChunkCodec } from '../../backup/format.js';
 import { ProgressBar, formatBytes, parseSize, printJson, usageRequested, useLargerThreadPool } from '../../backup/cli-support.js';
 
 const USAGE = `usage: bootrestore backup SOURCE --repo DIR --vm NAME [--chunk-size N] [--changed-blocks FILE]
@@ -17,9 +17,10 @@ whose content changed.
   --changed-blocks FILE  read only these byte ranges and take every other chunk from the previous
                          restore point. FILE: JSON [{"offset":N,"length":N},...] or lines
                          "offset length" (decimal or 0x hex; '#' starts a comment).
-  --compression C        codec of new chunks: brotli (default, level ${DEFAULT_CODEC_LEVEL.brotli}; 0..11), deflate
-                         (level ${DEFAULT_CODEC_LEVEL.deflate}; 1..9) or none. Chunks that do not shrink by 10 % are stored
-                         as they are. Every reader reads every codec; dedup does not depend on it.
+  --compression C        codec of new chunks: deflate (default, level ${DEFAULT_CODEC_LEVEL.deflate}; 1..9), brotli
+                         (level ${DEFAULT_CODEC_LEVEL.brotli}; 0..11: ~3 % smaller repositories, slower backups and cold
+                         reads) or none. Chunks that do not shrink by 10 % are stored as they are.
+                         Every reader reads every codec; dedup does not depend on it.
   --compression-level N  the codec's level (higher: smaller and slower to write)
   --json                 print the result as JSON on stdout`;
 
@@ -39,7 +40,7 @@ export async function run(argv: string[]): Promise<number> {
   const changedFile = args.values.get('changed-blocks');
   let changedBlocks: ByteRange[] | undefined;
   if (changedFile !== undefined) changedBlocks = parseChangedBlocks(await readFile(changedFile, 'utf8'), changedFile);
-  const compression = args.values.get('compression') ?? 'brotli';
+  const compression = args.values.get('compression') ?? DEFAULT_CODEC;
   const levelText = args.values.get('compression-level');
   const compressionLevel = levelText === undefined ? undefined : Number(levelText);
   if (compression === 'none') {
