@@ -493,7 +493,8 @@ describe('SendTargets and logout', () => {
 describe('digests on the wire', () => {
   it('negotiated header and data digests protect every PDU after login', async () => {
     const { tcpPort, port } = await start();
-    const c = await loggedIn(tcpPort, { HeaderDigest: 'CRC32C', DataDigest: 'CRC32C' });
+    // 64 KiB PDUs: Data-In payloads above the writer's copy limit go out as slices, digested as such.
+    const c = await loggedIn(tcpPort, { HeaderDigest: 'CRC32C', DataDigest: 'CRC32C', MaxRecvDataSegmentLength: '65536' });
     expect(c.writer.headerDigest && c.writer.dataDigest).toBe(true);
     const data = Buffer.alloc(1536, 0x77);
     c.scsi(write10(3, 3), { write: 1536, data });
@@ -502,6 +503,18 @@ describe('digests on the wire', () => {
     const din = await c.expectPdu(Opcode.DataIn);
     expect(din.data.equals(data)).toBe(true);
     expect(port.luns.get(0)!.subarray(1536, 3072).equals(data)).toBe(true);
+    // Segmented Data-In (slices crossing PDU boundaries, copied and uncopied): the digest covers every slice.
+    port.readSegmentBytes = 7000;
+    const disk = port.luns.get(0)!;
+    c.scsi(read10(0, 512), { read: 256 * 1024 });
+    const got = Buffer.alloc(256 * 1024);
+    for (let seen = 0; seen < got.length; ) {
+      const p = await c.expectPdu(Opcode.DataIn);
+      p.data.copy(got, decodeDataIn(p.bhs).bufferOffset);
+      seen += p.data.length;
+    }
+    expect(got.equals(disk.subarray(0, 256 * 1024))).toBe(true);
+    port.readSegmentBytes = undefined;
     expect(c.framingErrors).toEqual([]);
     // A corrupted data digest is rejected with reason 0x02 and the PDU discarded.
     const nop = encodeNopOut({ immediate: true, lun: 0, itt: 99, ttt: RESERVED_TAG, cmdSN: c.cmdSN, expStatSN: c.expStatSN });
