@@ -109,6 +109,9 @@ interface ScsiTask {
 
 /** Response bytes queued in the socket beyond which we stop reading new commands. */
 const MAX_QUEUED_RESPONSE_BYTES = 16 * 1024 * 1024;
+/** Placeholder that keeps no response data alive in `singleSlice` between commands. */
+const EMPTY_SLICE = Buffer.alloc(0);
+
 /** Largest Data-Out buffer we assemble for one command (bounded memory per command). */
 const MAX_WRITE_BUFFER = 128 * 1024 * 1024;
 const LOGIN_TIMEOUT_MS = 30_000;
@@ -149,6 +152,8 @@ export class Connection {
   private readPaused = false;
   /** Scratch BHS for Data-In (the writer copies headers, so it is reused for every PDU). */
   private readonly dataInHeader = Buffer.alloc(BHS_LENGTH);
+  /** One-slice list for a plain Data-In buffer (sendDataIn does not keep the list: reused). */
+  private readonly singleSlice: Buffer[] = [EMPTY_SLICE];
   session: Session | undefined;
   cid = 0;
   logger: Logger;
@@ -794,7 +799,10 @@ export class Connection {
       if (segmented !== undefined) {
         dataSN = this.sendDataIn(task, segmented.segments, sendLength, collapse, result.status, overflow, underflow, residualCount, segmented.release);
       } else if (sendLength > 0) {
-        dataSN = this.sendDataIn(task, [result.dataIn!], sendLength, collapse, result.status, overflow, underflow, residualCount);
+        const slices = this.singleSlice;
+        slices[0] = result.dataIn!;
+        dataSN = this.sendDataIn(task, slices, sendLength, collapse, result.status, overflow, underflow, residualCount);
+        slices[0] = EMPTY_SLICE;
       }
       if (collapse) return;
       let senseSegment: Buffer | undefined;
