@@ -28,6 +28,7 @@ import { join } from 'node:path';
 import { promisify } from 'node:util';
 import { backupSource } from '../src/backup/engine.js';
 import { openRestorePoint } from '../src/backup/reader.js';
+import { xorshift32 } from '../test/helpers/prng.js';
 import { RawSource } from '../src/backup/sources/raw.js';
 import { codecLevelProblem, DEFAULT_CODEC, DEFAULT_CODEC_LEVEL, type ChunkCodec } from '../src/backup/format.js';
 import { runBounded } from '../src/backup/writer.js';
@@ -86,15 +87,9 @@ function parseOptions(argv: string[]): Options {
 
 /** xorshift32 stream: deterministic pseudo-random numbers and bytes. */
 class Rng {
-  constructor(private x: number) {}
-  next(): number {
-    let x = this.x;
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    this.x = x >>> 0;
-    return this.x;
+  readonly next: () => number;
+  constructor(seed: number) {
+    this.next = xorshift32(seed);
   }
   below(n: number): number {
     return this.next() % n;
@@ -219,15 +214,12 @@ async function modifyImage(path: string, size: number): Promise<Array<{ offset: 
   return ranges;
 }
 
-/** Disk space a directory tree takes: allocated blocks (what the user pays), as `du` counts them. */
-async function duBytes(path: string): Promise<number> {
-  const { stdout } = await exec('du', ['-s', '--block-size=1', path]);
-  return Number(stdout.split('\t')[0]);
-}
-
-/** Sum of file sizes (no block rounding, no directories): the bytes written. */
-async function apparentBytes(path: string): Promise<number> {
-  const { stdout } = await exec('du', ['-sb', path]);
+/**
+ * Bytes of a directory tree as `du` counts them: disk space (allocated blocks, what the user pays)
+ * or, `apparent`, the sum of file sizes (no block rounding).
+ */
+async function duBytes(path: string, apparent = false): Promise<number> {
+  const { stdout } = await exec('du', ['-s', '--block-size=1', ...(apparent ? ['--apparent-size'] : []), path]);
   return Number(stdout.split('\t')[0]);
 }
 
@@ -319,7 +311,7 @@ async function main(): Promise<void> {
       const full = await backupSource(repo, source, { vm: 'bench', chunkSize: kib * 1024, ...codecOptions });
       await source.close();
       const fullStored = await duBytes(repo);
-      const fullApparent = await apparentBytes(repo);
+      const fullApparent = await duBytes(repo, true);
       const ranges = await modifyImage(image, size);
       source = await RawSource.open(image);
       const inc = await backupSource(repo, source, { vm: 'bench', ...codecOptions });
@@ -366,13 +358,13 @@ async function main(): Promise<void> {
       const env = { ...process.env, RESTIC_PASSWORD: 'bench', RESTIC_REPOSITORY: repo, RESTIC_CACHE_DIR: join(base, 'restic-cache') };
       await exec('restic', ['init', '--repository-version', '2'], { env });
       const emptyStored = await duBytes(repo);
-      const emptyApparent = await apparentBytes(repo);
+      const emptyApparent = await duBytes(repo, true);
       process.stderr.write('restic: full backup ...\n');
       let t = performance.now();
       await exec('restic', ['backup', '--quiet', image], { env, maxBuffer: 64 * MiB });
       const fullSeconds = (performance.now() - t) / 1000;
       const fullStored = (await duBytes(repo)) - emptyStored;
-      const fullApparent = (await apparentBytes(repo)) - emptyApparent;
+      const fullApparent = (await duBytes(repo, true)) - emptyApparent;
       await modifyImage(image, size);
       t = performance.now();
       await exec('restic', ['backup', '--quiet', image], { env, maxBuffer: 64 * MiB });

@@ -17,19 +17,15 @@ import { writeRestorePoint } from '../src/backup/writer.js';
 import { BackupBlockDevice, openBackupDevice } from '../src/cache/backup-device.js';
 import { ChunkCache } from '../src/cache/chunk-cache.js';
 import { silentLogger } from '../src/log.js';
+import { xorshift32 } from '../test/helpers/prng.js';
 
 const MiB = 1024 * 1024;
 
 function chunkContent(index: number, length: number): Buffer {
   // Half pseudo-random, half repetitive text: deflate has real work, like a disk image.
   const out = Buffer.allocUnsafe(length);
-  let x = (index + 1) * 2654435761;
-  for (let i = 0; i < length / 2; i += 4) {
-    x ^= x << 13;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    out.writeUInt32LE(x >>> 0, i);
-  }
+  const next = xorshift32((index + 1) * 2654435761);
+  for (let i = 0; i < length / 2; i += 4) out.writeUInt32LE(next(), i);
   out.fill(`chunk ${index} of the benchmark image; `, length / 2);
   return out;
 }

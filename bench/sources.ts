@@ -17,6 +17,7 @@ import { mkdtempSync, rmSync, openSync, writeSync, closeSync, existsSync } from 
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { openSource } from '../src/backup/sources/open.js';
+import { xorshift32 } from '../test/helpers/prng.js';
 
 interface Options {
   sizeMiB: number;
@@ -70,15 +71,7 @@ const VARIANTS: Array<{ name: string; file: string; args: string[] }> = [
 ];
 
 function makeImage(path: string, sizeMiB: number): void {
-  let state = 0x2545f491;
-  const next = (): number => {
-    state ^= state << 13;
-    state >>>= 0;
-    state ^= state >>> 17;
-    state ^= state << 5;
-    state >>>= 0;
-    return state;
-  };
+  const next = xorshift32(0x2545f491);
   const block = Buffer.alloc(1024 * 1024);
   const words = new Uint32Array(block.buffer, block.byteOffset, block.length / 4);
   const fd = openSync(path, 'w');

@@ -11,6 +11,7 @@ import { runChecked, runCommand, trackChild } from '../helpers/exec.js';
 import { startServerProcess, type ServerProcess } from '../helpers/server.js';
 import { makeTempDir, type TempDir } from '../helpers/tmp.js';
 import { backupImage, writeTestImage } from '../helpers/repo.js';
+import { xorshift32 } from '../helpers/prng.js';
 import { spawn } from 'node:child_process';
 
 const IQN = 'iqn.2026-12.io.bootrestore.test:durability';
@@ -50,15 +51,7 @@ interface Write {
 
 /** Deterministic scattered writes of 512 B … 64 KiB at 512-byte alignment, some crossing chunk edges. */
 function writesForRound(round: number, count: number): Write[] {
-  let x = 0x1234567 + round * 7919;
-  const next = (): number => {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    return x;
-  };
+  const next = xorshift32(0x1234567 + round * 7919);
   const out: Write[] = [];
   for (let i = 0; i < count; i++) {
     const sectors = 1 + (next() % 128);

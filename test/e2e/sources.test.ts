@@ -12,6 +12,7 @@ import { SourceError } from '../../src/backup/errors.js';
 import type { DiskSource } from '../../src/backup/types.js';
 import { runChecked } from '../helpers/exec.js';
 import { makeTempDir, type TempDir } from '../helpers/tmp.js';
+import { xorshift32 } from '../helpers/prng.js';
 
 const MiB = 1024 * 1024;
 const KiB = 1024;
@@ -26,18 +27,6 @@ let dir: string;
 let sourceRaw: string;
 let luksImageReady: Promise<unknown>;
 
-/** xorshift32: reproducible "random" content. */
-function prng(seed: number): () => number {
-  let state = seed >>> 0 || 1;
-  return () => {
-    state ^= state << 13;
-    state >>>= 0;
-    state ^= state >>> 17;
-    state ^= state << 5;
-    state >>>= 0;
-    return state;
-  };
-}
 
 function randomBytes(next: () => number, length: number): Buffer {
   const words = new Uint32Array(Math.ceil(length / 4));
@@ -47,7 +36,7 @@ function randomBytes(next: () => number, length: number): Buffer {
 
 /** Holes, repeated blocks, random blocks, half-zero blocks, byte patterns, a short random tail. */
 function makeSourceImage(): Buffer {
-  const next = prng(0x5eed1234);
+  const next = xorshift32(0x5eed1234);
   const image = Buffer.alloc(IMAGE_SIZE);
   const repeated = randomBytes(next, BLOCK);
   for (let block = 0; block * BLOCK < IMAGE_SIZE; block++) {
@@ -129,7 +118,7 @@ async function checkAgainstQemu(image: string, expect_: Expectations): Promise<D
       }
     }
     // Unaligned random reads, some in parallel.
-    const next = prng(source.size ^ 0x1234);
+    const next = xorshift32(source.size ^ 0x1234);
     const reads: Promise<void>[] = [];
     for (let i = 0; i < 40; i++) {
       const offset = next() % source.size;

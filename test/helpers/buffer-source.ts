@@ -31,18 +31,4 @@ export class BufferSource implements DiskSource {
   async close(): Promise<void> {}
 }
 
-/** Deterministic pseudo-random bytes (xorshift32), so failures reproduce. */
-export function pseudoRandomBytes(length: number, seed: number): Buffer {
-  const out = Buffer.allocUnsafe(length);
-  let x = seed >>> 0 || 1;
-  for (let i = 0; i < length; i += 4) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    if (i + 4 <= length) out.writeUInt32LE(x, i);
-    else for (let k = 0; i + k < length; k++) out[i + k] = (x >>> (8 * k)) & 0xff;
-  }
-  return out;
-}
+export { pseudoRandomBytes } from './prng.js';

@@ -8,6 +8,7 @@ import { promisify } from 'node:util';
 import { deflate, inflate } from 'node:zlib';
 import { CorruptChunkError } from '../../src/backup/errors.js';
 import type { RestorePointInfo, RestorePointReader } from '../../src/backup/types.js';
+import { xorshift32 } from './prng.js';
 
 const deflateAsync = promisify(deflate);
 const inflateAsync = promisify(inflate);
@@ -128,16 +129,9 @@ export class FakeRestorePoint implements RestorePointReader {
 /** Deterministic pseudo-random bytes (xorshift32) from a seed: reproducible test content. */
 export function patternBytes(length: number, seed: number): Buffer {
   const out = Buffer.allocUnsafe(length);
-  let x = (seed * 2654435761) >>> 0 || 1;
+  const next = xorshift32(seed * 2654435761);
   let i = 0;
-  for (; i + 4 <= length; i += 4) {
-    x ^= x << 13;
-    x >>>= 0;
-    x ^= x >>> 17;
-    x ^= x << 5;
-    x >>>= 0;
-    out.writeUInt32LE(x, i);
-  }
+  for (; i + 4 <= length; i += 4) out.writeUInt32LE(next(), i);
   for (; i < length; i++) out[i] = (seed + i) & 0xff;
   return out;
 }
