@@ -3,13 +3,12 @@
  * backup of a VM is full; later ones compare each chunk's digest with the parent (latest point),
  * or with `changedBlocks` read only the listed byte ranges and take the parent's digests elsewhere.
  */
-import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { RepositoryError, SourceError } from './errors.js';
-import { chunkCountFor, type ChunkCodec } from './format.js';
+import { chunkCountFor } from './format.js';
 import { Repository, checkVmName } from './repository.js';
 import type { DiskSource } from './types.js';
-import { WriteSession, checkChunkSize, type ChunkContent, type WriteProgress, type WriteResult } from './writer.js';
+import { WriteSession, checkChunkSize, type ChunkContent, type WriteOptions, type WriteResult } from './writer.js';
 
 /**
  * Default chunk size: 256 KiB, chosen from bench/backup.ts on a 1 GiB image (docs/repository-format.md,
@@ -26,20 +25,13 @@ export interface ByteRange {
   readonly length: number;
 }
 
-export interface BackupOptions {
+/** What to back up, plus the writer's options (concurrency, compression, logger, progress). */
+export interface BackupOptions extends Omit<WriteOptions, 'command'> {
   readonly vm: string;
   /** Chunk size for the VM's first backup; later backups keep the VM's chunk size. */
   readonly chunkSize?: number;
   /** Byte ranges changed since the parent: only these are read (requires a parent of equal size). */
   readonly changedBlocks?: ReadonlyArray<ByteRange>;
-  readonly logger?: Logger;
-  readonly concurrency?: number;
-  readonly compress?: boolean;
-  /** Codec of new compressed chunks (default deflate). */
-  readonly codec?: ChunkCodec;
-  /** Codec level for new chunks: brotli 0–11 (default 2), deflate 1–9 (default 1). */
-  readonly compressionLevel?: number;
-  readonly onProgress?: (p: WriteProgress) => void;
 }
 
 export interface BackupResult extends WriteResult {
@@ -95,14 +87,7 @@ export async function backupSource(repoDir: string, source: DiskSource, options:
     const result = await session.write(
       { vm: options.vm, parent: parentId, imageSize, chunkSize, source: source.description, chunkContent },
       parent,
-      {
-        logger,
-        concurrency: options.concurrency,
-        compress: options.compress,
-        compressionLevel: options.compressionLevel,
-        codec: options.codec,
-        onProgress: options.onProgress,
-      },
+      { ...options, logger },
     );
     return {
       ...result,

@@ -6,6 +6,7 @@ import { createHash } from 'node:crypto';
 import { brotliCompress, brotliDecompress, crc32, deflateRaw, deflateRawSync, inflateRaw, constants as zlibConstants } from 'node:zlib';
 import { promisify } from 'node:util';
 import { CorruptChunkError, RepositoryError } from './errors.js';
+import type { RestorePointInfo } from './types.js';
 
 const deflateRawAsync = promisify(deflateRaw);
 const inflateRawAsync = promisify(inflateRaw);
@@ -242,17 +243,8 @@ export const INDEX_MAGIC = Buffer.from('BRINDEX1', 'latin1');
 export const INDEX_FORMAT_VERSION = 1;
 const INDEX_FIXED_HEADER = 16; // magic (8) + version u32 + metadata length u32
 
-/** Metadata of a restore point, stored as JSON in its index. */
-export interface IndexMetadata {
-  readonly vm: string;
-  readonly id: string;
-  readonly parent: string | null;
-  readonly createdAt: string;
-  readonly imageSize: number;
-  readonly chunkSize: number;
-  readonly chunkCount: number;
-  readonly source: string;
-}
+/** Metadata of a restore point, stored as JSON in its index: its summary without the zero-chunk count (derived from the digests). */
+export type IndexMetadata = Omit<RestorePointInfo, 'zeroChunks'>;
 
 export interface RestorePointIndex {
   readonly meta: IndexMetadata;
