@@ -263,14 +263,11 @@ export class BackupBlockDevice implements BlockDevice {
    * Run it on a quiesced mount (no writes in flight) to get a consistent restore point.
    */
   async *changedChunks(): AsyncGenerator<ChangedChunk> {
-    const delta = this.delta;
-    if (delta === null) return;
+    if (this.delta === null) return;
     for (let index = 0; index < this.chunkCount; index++) {
       const chunkStart = index * this.chunkSize;
       const chunkLength = this.reader.chunkLength(index);
-      const firstUnit = Math.floor(chunkStart / delta.unitSize);
-      const endUnit = Math.ceil((chunkStart + chunkLength) / delta.unitSize);
-      if (!delta.map.anyNonBase(firstUnit, endUnit)) continue;
+      if (!this.touchesDelta(chunkStart, chunkLength)) continue;
       const merged = await this.readRange(chunkStart, Math.ceil(chunkLength / BLOCK_SIZE) * BLOCK_SIZE);
       const data = Buffer.from(merged.subarray(0, chunkLength));
       yield { index, data, allZero: isAllZero(data) };
@@ -282,14 +279,11 @@ export class BackupBlockDevice implements BlockDevice {
    * touch it, 'zero' when the merged chunk is all zeroes, else the merged bytes (`length` of them).
    */
   async mergedChunk(index: number, length: number): Promise<ChunkContent> {
-    const delta = this.delta;
     if (index < 0 || index >= this.chunkCount || length !== this.reader.chunkLength(index)) {
       throw new RangeError(`chunk ${index} (length ${length}) does not match the mounted restore point`);
     }
     const chunkStart = index * this.chunkSize;
-    if (delta === null || !delta.map.anyNonBase(Math.floor(chunkStart / delta.unitSize), Math.ceil((chunkStart + length) / delta.unitSize))) {
-      return 'parent';
-    }
+    if (!this.touchesDelta(chunkStart, length)) return 'parent';
     const merged = await this.readRange(chunkStart, Math.ceil(length / BLOCK_SIZE) * BLOCK_SIZE);
     const data = Buffer.from(merged.subarray(0, length));
     return isAllZero(data) ? 'zero' : data;
@@ -327,24 +321,20 @@ export class BackupBlockDevice implements BlockDevice {
 
   /** Bytes [start, start+length) of the LUN (sector aligned), merged from delta and base. */
   private readRange(start: number, length: number): Promise<Buffer> {
-    const delta = this.delta;
     if (length === 0) return Promise.resolve(Buffer.alloc(0));
-    if (delta === null) return this.readBaseOwned(start, length);
-    const u = delta.unitSize;
-    const firstUnit = Math.floor(start / u);
-    const endUnit = Math.ceil((start + length) / u);
-    if (!delta.map.anyNonBase(firstUnit, endUnit)) return this.readBaseOwned(start, length);
-    return this.readMixed(delta, start, length, firstUnit, endUnit);
+    return this.touchesDelta(start, length) ? this.readMixed(this.delta!, start, length) : this.readBaseOwned(start, length);
+  }
+
+  /** Whether the delta holds data or zeroes anywhere in [start, start+length) (false without a delta). */
+  private touchesDelta(start: number, length: number): boolean {
+    const delta = this.delta;
+    if (delta === null) return false;
+    return delta.map.anyNonBase(Math.floor(start / delta.unitSize), Math.ceil((start + length) / delta.unitSize));
   }
 
   private async readSegmentsOf(start: number, length: number): Promise<SegmentedRead> {
-    const delta = this.delta;
     if (length === 0) return wholeRead(Buffer.alloc(0));
-    if (delta !== null) {
-      const firstUnit = Math.floor(start / delta.unitSize);
-      const endUnit = Math.ceil((start + length) / delta.unitSize);
-      if (delta.map.anyNonBase(firstUnit, endUnit)) return wholeRead(await this.readMixed(delta, start, length, firstUnit, endUnit));
-    }
+    if (this.touchesDelta(start, length)) return wholeRead(await this.readMixed(this.delta!, start, length));
     const end = start + length;
     const first = Math.floor(start / this.chunkSize);
     const last = Math.floor((end - 1) / this.chunkSize);
@@ -388,12 +378,7 @@ export class BackupBlockDevice implements BlockDevice {
   /** `length` bytes of a chunk from `from` as a view (the chunk pinned in the cache), or shared zeroes. */
   private pinnedSegment(chunk: Buffer | null, from: number, length: number, pinned: Buffer[]): Buffer {
     if (chunk === null) return sharedZeroes(length);
-    if (from + length > chunk.length) {
-      // The zero-padded tail of an image whose size is not a multiple of 512.
-      const out = Buffer.alloc(length);
-      if (from < chunk.length) chunk.copy(out, 0, from, chunk.length);
-      return out;
-    }
+    if (from + length > chunk.length) return zeroPaddedTail(chunk, from, length);
     this.cache.pin(chunk);
     pinned.push(chunk);
     return chunk.subarray(from, from + length);
@@ -411,13 +396,14 @@ export class BackupBlockDevice implements BlockDevice {
     return copy;
   }
 
-  private async readMixed(delta: DeltaStore, start: number, length: number, firstUnit: number, endUnit: number): Promise<Buffer> {
+  private async readMixed(delta: DeltaStore, start: number, length: number): Promise<Buffer> {
     const out = Buffer.allocUnsafe(length);
     const end = start + length;
     const u = delta.unitSize;
+    const endUnit = Math.ceil(end / u);
     const pending: Array<Promise<void>> = [];
     let pos = start;
-    let unit = firstUnit;
+    let unit = Math.floor(start / u);
     while (pos < end) {
       const runEndUnit = delta.map.runEnd(unit, endUnit);
       const runEnd = Math.min(runEndUnit * u, end);
@@ -450,10 +436,7 @@ export class BackupBlockDevice implements BlockDevice {
         this.cache.noteEscaped(chunk);
         return chunk.subarray(from, from + length);
       }
-      // The zero-padded tail of an image whose size is not a multiple of 512.
-      const out = Buffer.alloc(length);
-      if (from < chunk.length) chunk.copy(out, 0, from, chunk.length);
-      return out;
+      return zeroPaddedTail(chunk, from, length);
     }
     // A range of all-zero chunks: a shared view, no allocation or fill (a fresh 1 MiB result buffer
     // costs ~256 page faults on the event-loop thread, the main cost of a warm sequential read).
@@ -571,6 +554,13 @@ export class BackupBlockDevice implements BlockDevice {
     }
     if (to > this.prefetchedUpTo) this.prefetchedUpTo = to;
   }
+}
+
+/** `length` bytes of the image's last chunk from `from`, zero-padded: its size need not be a multiple of 512. */
+function zeroPaddedTail(chunk: Buffer, from: number, length: number): Buffer {
+  const out = Buffer.alloc(length);
+  if (from < chunk.length) chunk.copy(out, 0, from, chunk.length);
+  return out;
 }
 
 function copySegment(out: Buffer, at: number, chunk: Buffer | null, from: number, length: number): void {
