@@ -892,29 +892,20 @@ export class Connection {
         underflow,
         residualCount,
       });
-      // This PDU's payload: n bytes from the cursor, as one slice or several.
-      let payload: Buffer | Buffer[];
-      const current = data[part]!;
-      if (current.length - partOffset >= n) {
-        payload = partOffset === 0 && n === current.length ? current : current.subarray(partOffset, partOffset + n);
-        partOffset += n;
-        if (partOffset === current.length) {
+      // This PDU's payload: n bytes from the cursor, as one slice (no list) or several.
+      let payload: Buffer | Buffer[] | undefined;
+      for (let need = n; need > 0; ) {
+        const slice = data[part]!;
+        const take = Math.min(need, slice.length - partOffset);
+        const piece = partOffset === 0 && take === slice.length ? slice : slice.subarray(partOffset, partOffset + take);
+        if (payload === undefined) payload = piece;
+        else if (Buffer.isBuffer(payload)) payload = [payload, piece];
+        else payload.push(piece);
+        need -= take;
+        partOffset += take;
+        if (partOffset === slice.length) {
           part++;
           partOffset = 0;
-        }
-      } else {
-        payload = [];
-        let need = n;
-        while (need > 0) {
-          const slice = data[part]!;
-          const take = Math.min(need, slice.length - partOffset);
-          payload.push(partOffset === 0 && take === slice.length ? slice : slice.subarray(partOffset, partOffset + take));
-          need -= take;
-          partOffset += take;
-          if (partOffset === slice.length) {
-            part++;
-            partOffset = 0;
-          }
         }
       }
       if (written !== undefined) unwritten++;
