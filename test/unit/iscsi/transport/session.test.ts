@@ -57,6 +57,32 @@ async function start(
   return { port, tcpPort: bound[0]!.port, bound };
 }
 
+/** ABORT TASK (RFC 7143 §11.5.1) for the task `referencedTaskTag`, as an immediate request tagged `itt`. */
+function sendAbortTask(c: RawInitiator, itt: number, referencedTaskTag: number): void {
+  c.send(
+    encodeTaskManagementRequest({
+      immediate: true,
+      function: TaskManagementFunction.AbortTask,
+      lun: 0,
+      itt,
+      referencedTaskTag,
+      cmdSN: c.cmdSN,
+      expStatSN: c.expStatSN,
+      refCmdSN: c.cmdSN - 1,
+      expDataSN: 0,
+    }),
+  );
+}
+
+/** Read PDUs until `count` reads have completed (status in their last Data-In); fails after 5 s of silence. */
+async function awaitReadStatuses(c: RawInitiator, count: number): Promise<void> {
+  for (let statusSeen = 0; statusSeen < count; ) {
+    const p = await c.next(5000);
+    if (!p) throw new Error(`only ${statusSeen} of ${count} commands answered`);
+    if (opcodeOf(p.bhs) === Opcode.DataIn && decodeDataIn(p.bhs).hasStatus) statusSeen++;
+  }
+}
+
 async function connect(tcpPort: number): Promise<RawInitiator> {
   const c = await RawInitiator.connect(tcpPort);
   clients.push(c);
@@ -347,19 +373,7 @@ describe('task management (RFC 7143 §11.5)', () => {
     port.holdOpcode = 0x28;
     const itt = c.scsi(read10(0, 1), { read: 512 });
     while (port.heldCount === 0) await new Promise((r) => setTimeout(r, 5));
-    c.send(
-      encodeTaskManagementRequest({
-        immediate: true,
-        function: TaskManagementFunction.AbortTask,
-        lun: 0,
-        itt: 900,
-        referencedTaskTag: itt,
-        cmdSN: c.cmdSN,
-        expStatSN: c.expStatSN,
-        refCmdSN: c.cmdSN - 1,
-        expDataSN: 0,
-      }),
-    );
+    sendAbortTask(c, 900, itt);
     const tmf = decodeTaskManagementResponse((await c.expectPdu(Opcode.TaskManagementResponse)).bhs);
     expect(tmf.response).toBe(TaskManagementResponseCode.FunctionComplete);
     expect(tmf.itt).toBe(900);
@@ -369,19 +383,7 @@ describe('task management (RFC 7143 §11.5)', () => {
     // ABORT TASK for a task that already completed: "task does not exist".
     const done = c.scsi(TEST_UNIT_READY);
     await c.expectPdu(Opcode.ScsiResponse);
-    c.send(
-      encodeTaskManagementRequest({
-        immediate: true,
-        function: TaskManagementFunction.AbortTask,
-        lun: 0,
-        itt: 901,
-        referencedTaskTag: done,
-        cmdSN: c.cmdSN,
-        expStatSN: c.expStatSN,
-        refCmdSN: c.cmdSN - 1,
-        expDataSN: 0,
-      }),
-    );
+    sendAbortTask(c, 901, done);
     expect(decodeTaskManagementResponse((await c.expectPdu(Opcode.TaskManagementResponse)).bhs).response).toBe(
       TaskManagementResponseCode.TaskDoesNotExist,
     );
@@ -395,19 +397,7 @@ describe('task management (RFC 7143 §11.5)', () => {
     port.readSegmentBytes = 512;
     const itt = c.scsi(read10(0, 4), { read: 2048 });
     while (port.heldCount === 0) await new Promise((r) => setTimeout(r, 5));
-    c.send(
-      encodeTaskManagementRequest({
-        immediate: true,
-        function: TaskManagementFunction.AbortTask,
-        lun: 0,
-        itt: 902,
-        referencedTaskTag: itt,
-        cmdSN: c.cmdSN,
-        expStatSN: c.expStatSN,
-        refCmdSN: c.cmdSN - 1,
-        expDataSN: 0,
-      }),
-    );
+    sendAbortTask(c, 902, itt);
     expect(decodeTaskManagementResponse((await c.expectPdu(Opcode.TaskManagementResponse)).bhs).response).toBe(
       TaskManagementResponseCode.FunctionComplete,
     );
@@ -572,12 +562,7 @@ describe('flow control', () => {
     expect(port.segmentedReads).toBeGreaterThan(0);
     expect(port.segmentReleases).toBeLessThan(port.segmentedReads);
     c.socket.resume();
-    let statusSeen = 0;
-    while (statusSeen < count) {
-      const p = await c.next(5000);
-      if (!p) throw new Error(`only ${statusSeen} of ${count} commands answered`);
-      if (opcodeOf(p.bhs) === Opcode.DataIn && decodeDataIn(p.bhs).hasStatus) statusSeen++;
-    }
+    await awaitReadStatuses(c, count);
     expect(port.segmentedReads).toBe(count);
     expect(port.segmentReleases).toBe(count);
   }, 30_000);
@@ -595,12 +580,7 @@ describe('flow control', () => {
     const executedWhilePaused = port.executed.length;
     expect(executedWhilePaused).toBeLessThan(count);
     c.socket.resume();
-    let statusSeen = 0;
-    while (statusSeen < count) {
-      const p = await c.next(5000);
-      if (!p) throw new Error(`only ${statusSeen} of ${count} commands answered`);
-      if (opcodeOf(p.bhs) === Opcode.DataIn && decodeDataIn(p.bhs).hasStatus) statusSeen++;
-    }
+    await awaitReadStatuses(c, count);
     expect(port.executed.length).toBe(count);
   }, 30_000);
 });
