@@ -6,7 +6,7 @@
 import { silentLogger } from '../log.js';
 import { RepositoryError, SourceError } from './errors.js';
 import { chunkCountFor } from './format.js';
-import { Repository, checkVmName } from './repository.js';
+import { Repository, checkVmName, type ChunkStoreKind } from './repository.js';
 import type { DiskSource } from './types.js';
 import { WriteSession, checkChunkSize, type ChunkContent, type WriteOptions, type WriteResult } from './writer.js';
 
@@ -32,6 +32,8 @@ export interface BackupOptions extends Omit<WriteOptions, 'command'> {
   readonly chunkSize?: number;
   /** Byte ranges changed since the parent: only these are read (requires a parent of equal size). */
   readonly changedBlocks?: ReadonlyArray<ByteRange>;
+  /** Chunk store of the repository if this backup creates it (default "packs"). */
+  readonly chunkStore?: ChunkStoreKind;
 }
 
 export interface BackupResult extends WriteResult {
@@ -44,7 +46,7 @@ export async function backupSource(repoDir: string, source: DiskSource, options:
   // Refuse bad arguments before anything is created on disk.
   if (options.chunkSize !== undefined) checkChunkSize(options.chunkSize);
   checkVmName(options.vm);
-  const { repo, created } = await Repository.openOrCreate(repoDir);
+  const { repo, created } = await Repository.openOrCreate(repoDir, options.chunkStore !== undefined ? { chunkStore: options.chunkStore } : {});
   const session = await WriteSession.begin(repo, options.vm, 'backup');
   try {
     const ids = await repo.listPointIds(options.vm);

@@ -18,7 +18,8 @@ import { join } from 'node:path';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { RepositoryError } from './errors.js';
-import { DIGEST_LENGTH, isZeroDigest } from './format.js';
+import { CHUNK_HEADER_SIZE, DIGEST_LENGTH, isZeroDigest } from './format.js';
+import { PackWriter, isPackTempName, statPack } from './packs.js';
 import { Repository, errnoCode, fsyncDir } from './repository.js';
 import { WriteSession } from './writer.js';
 
@@ -64,6 +65,8 @@ export interface GcResult {
   /** Unreferenced chunks kept because they are newer than the cutoff. */
   readonly keptRecent: number;
   readonly removedTempFiles: number;
+  /** "packs" repositories: what happened to the pack files. */
+  readonly packs?: PackSweep;
   readonly cutoff: string;
   readonly seconds: number;
 }
@@ -104,66 +107,11 @@ export async function collectGarbage(repoDir: string, options: GcOptions = {}): 
     }
 
     // Sweep.
-    let chunkFiles = 0;
-    let removedChunks = 0;
-    let removedBytes = 0;
-    let keptRecent = 0;
-    let removedTempFiles = 0;
-    const chunksDir = join(repo.dir, 'chunks');
-    const prefixes = await fsp.readdir(chunksDir).catch((err: unknown) => {
-      if (errnoCode(err) === 'ENOENT') return [] as string[];
-      throw err;
-    });
-    for (const prefix of prefixes.sort()) {
-      if (!repo.isChunkPrefix(prefix)) continue;
-      const dir = join(chunksDir, prefix);
-      let changed = false;
-      for (const name of await fsp.readdir(dir)) {
-        const path = join(dir, name);
-        if (TEMP_RE.test(name)) {
-          const st = await fsp.stat(path).catch(() => null);
-          if (st !== null && st.mtimeMs < cutoff) {
-            if (!options.dryRun) await fsp.rm(path, { force: true });
-            removedTempFiles++;
-            changed = true;
-          }
-          continue;
-        }
-        if (!CHUNK_NAME_RE.test(name)) continue;
-        chunkFiles++;
-        if (referenced.has(name)) continue;
-        const st = await fsp.stat(path).catch(() => null);
-        if (st === null) continue;
-        if (st.mtimeMs >= cutoff) {
-          keptRecent++;
-          continue;
-        }
-        if (options.dryRun) {
-          removedChunks++;
-          removedBytes += st.size;
-          continue;
-        }
-        const aside = `${path}.gc-${process.pid}`;
-        try {
-          await fsp.rename(path, aside);
-        } catch (err) {
-          if (errnoCode(err) === 'ENOENT') continue;
-          throw err;
-        }
-        const after = await fsp.stat(aside);
-        if (after.mtimeMs >= cutoff) {
-          // Adopted by a writer between our stat and the rename: put it back.
-          await fsp.rename(aside, path);
-          keptRecent++;
-          continue;
-        }
-        await fsp.rm(aside, { force: true });
-        removedChunks++;
-        removedBytes += after.size;
-        changed = true;
-      }
-      if (changed && !options.dryRun) await fsyncDir(dir);
-    }
+    const sweep =
+      repo.chunkStore === 'packs'
+        ? await sweepPacks(repo, referenced, cutoff, options)
+        : await sweepChunkFiles(repo, referenced, cutoff, options);
+    let { removedTempFiles } = sweep;
     // Temporary index files of writers that died (their restore point was never published).
     for (const vm of await repo.listVms()) {
       const vmDir = repo.vmDir(vm);
@@ -178,11 +126,12 @@ export async function collectGarbage(repoDir: string, options: GcOptions = {}): 
     const result: GcResult = {
       indexes,
       referencedChunks: referenced.size,
-      chunkFiles,
-      removedChunks,
-      removedBytes,
-      keptRecent,
+      chunkFiles: sweep.chunkFiles,
+      removedChunks: sweep.removedChunks,
+      removedBytes: sweep.removedBytes,
+      keptRecent: sweep.keptRecent,
       removedTempFiles,
+      ...(sweep.packs !== undefined ? { packs: sweep.packs } : {}),
       cutoff: new Date(cutoff).toISOString(),
       seconds: (performance.now() - t0) / 1000,
     };
@@ -191,4 +140,207 @@ export async function collectGarbage(repoDir: string, options: GcOptions = {}): 
   } finally {
     await lock.release();
   }
+}
+
+interface SweepResult {
+  readonly chunkFiles: number;
+  readonly removedChunks: number;
+  readonly removedBytes: number;
+  readonly keptRecent: number;
+  readonly removedTempFiles: number;
+  readonly packs?: PackSweep;
+}
+
+/** Sweep of a "files" repository: each unreferenced chunk file older than the cutoff goes. */
+async function sweepChunkFiles(repo: Repository, referenced: ReadonlySet<string>, cutoff: number, options: GcOptions): Promise<SweepResult> {
+  let chunkFiles = 0;
+  let removedChunks = 0;
+  let removedBytes = 0;
+  let keptRecent = 0;
+  let removedTempFiles = 0;
+  const chunksDir = join(repo.dir, 'chunks');
+  const prefixes = await fsp.readdir(chunksDir).catch((err: unknown) => {
+    if (errnoCode(err) === 'ENOENT') return [] as string[];
+    throw err;
+  });
+  for (const prefix of prefixes.sort()) {
+    if (!repo.isChunkPrefix(prefix)) continue;
+    const dir = join(chunksDir, prefix);
+    let changed = false;
+    for (const name of await fsp.readdir(dir)) {
+      const path = join(dir, name);
+      if (TEMP_RE.test(name)) {
+        const st = await fsp.stat(path).catch(() => null);
+        if (st !== null && st.mtimeMs < cutoff) {
+          if (!options.dryRun) await fsp.rm(path, { force: true });
+          removedTempFiles++;
+          changed = true;
+        }
+        continue;
+      }
+      if (!CHUNK_NAME_RE.test(name)) continue;
+      chunkFiles++;
+      if (referenced.has(name)) continue;
+      const st = await fsp.stat(path).catch(() => null);
+      if (st === null) continue;
+      if (st.mtimeMs >= cutoff) {
+        keptRecent++;
+        continue;
+      }
+      if (options.dryRun) {
+        removedChunks++;
+        removedBytes += st.size;
+        continue;
+      }
+      const outcome = await removeUnlessAdopted(path, cutoff);
+      if (outcome === 'gone') continue;
+      if (outcome === 'adopted') {
+        keptRecent++;
+        continue;
+      }
+      removedChunks++;
+      removedBytes += outcome.size;
+      changed = true;
+    }
+    if (changed && !options.dryRun) await fsyncDir(dir);
+  }
+  return { chunkFiles, removedChunks, removedBytes, keptRecent, removedTempFiles };
+}
+
+/**
+ * Remove `path` unless a writer adopts it meanwhile: rename it aside (atomic), then look at its
+ * mtime again; a writer that bumped it after our first stat (≥ cutoff) gets it back.
+ */
+async function removeUnlessAdopted(path: string, cutoff: number): Promise<'gone' | 'adopted' | { size: number }> {
+  const aside = `${path}.gc-${process.pid}`;
+  try {
+    await fsp.rename(path, aside);
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return 'gone';
+    throw err;
+  }
+  const after = await fsp.stat(aside);
+  if (after.mtimeMs >= cutoff) {
+    await fsp.rename(aside, path);
+    return 'adopted';
+  }
+  await fsp.rm(aside, { force: true });
+  return { size: after.size };
+}
+
+export interface PackSweep {
+  readonly packs: number;
+  /** Packs deleted because no index references any of their chunks. */
+  readonly removedPacks: number;
+  /** Packs rewritten without their unreferenced chunks (at least REPACK_DEAD_FRACTION of their bytes). */
+  readonly repackedPacks: number;
+  /** Unreferenced chunks left in packs that are mostly referenced (below the repack threshold). */
+  readonly keptUnreferenced: number;
+}
+
+/** A pack is rewritten when at least this share of its bytes belongs to unreferenced chunks. */
+export const REPACK_DEAD_FRACTION = 0.2;
+
+/**
+ * Sweep of a "packs" repository. A pack with unreferenced chunks and an mtime below the cutoff
+ * is deleted if nothing in it is referenced, or rewritten when ≥ REPACK_DEAD_FRACTION of its bytes
+ * are unreferenced: its referenced records are copied verbatim into a new pack, which is durable
+ * (and registered) before the old pack is removed with the same rename-and-recheck as chunk files.
+ * Readers that miss a chunk rescan the packs and find it in the new pack.
+ */
+async function sweepPacks(repo: Repository, referenced: ReadonlySet<string>, cutoff: number, options: GcOptions): Promise<SweepResult> {
+  const store = repo.packs;
+  await store.refresh();
+  let chunkFiles = 0;
+  let removedChunks = 0;
+  let removedBytes = 0;
+  let keptRecent = 0;
+  let removedTempFiles = 0;
+  let removedPacks = 0;
+  let repackedPacks = 0;
+  let keptUnreferenced = 0;
+  const changedDirs = new Set<string>();
+
+  // Temporary files of writers (or gcs) that died.
+  const prefixes = await fsp.readdir(store.dir).catch((err: unknown) => {
+    if (errnoCode(err) === 'ENOENT') return [] as string[];
+    throw err;
+  });
+  for (const prefix of prefixes) {
+    const dir = join(store.dir, prefix);
+    const names = await fsp.readdir(dir).catch(() => [] as string[]);
+    for (const name of names) {
+      if (!isPackTempName(name)) continue;
+      const st = await fsp.stat(join(dir, name)).catch(() => null);
+      if (st === null || st.mtimeMs >= cutoff) continue;
+      if (!options.dryRun) await fsp.rm(join(dir, name), { force: true });
+      removedTempFiles++;
+      changedDirs.add(dir);
+    }
+  }
+
+  const packs = store.packs();
+  for (const [pack, entries] of packs) {
+    chunkFiles += entries.length;
+    const dead = entries.filter((e) => !referenced.has(e.digestHex));
+    if (dead.length === 0) continue;
+    const st = await statPack(store, pack);
+    if (st === null) continue;
+    if (st.mtimeMs >= cutoff) {
+      keptRecent += dead.length;
+      continue;
+    }
+    const deadBytes = dead.reduce((n, e) => n + e.length, 0);
+    const live = entries.filter((e) => referenced.has(e.digestHex));
+    if (live.length > 0 && deadBytes < REPACK_DEAD_FRACTION * st.size) {
+      keptUnreferenced += dead.length;
+      continue;
+    }
+    if (options.dryRun) {
+      removedChunks += dead.length;
+      removedBytes += deadBytes;
+      if (live.length > 0) repackedPacks++;
+      else removedPacks++;
+      continue;
+    }
+    if (live.length > 0) {
+      // Copy the referenced records that no other pack holds, verbatim, into a new durable pack.
+      const writer = new PackWriter(store, (dir) => changedDirs.add(dir));
+      try {
+        for (const e of live) {
+          const elsewhere = store.lookup(e.digestHex);
+          if (elsewhere !== undefined && elsewhere.pack !== pack) continue;
+          const { record } = await store.readRecord(e.digestHex, { pack, offset: e.offset, length: e.length });
+          await writer.add(e.digestHex, record.subarray(0, CHUNK_HEADER_SIZE), record.subarray(CHUNK_HEADER_SIZE));
+        }
+        await writer.flush();
+      } catch (err) {
+        await writer.abort();
+        throw err;
+      }
+      for (const dir of changedDirs) await fsyncDir(dir);
+      await fsyncDir(store.dir);
+    }
+    const outcome = await removeUnlessAdopted(store.packPath(pack), cutoff);
+    if (outcome === 'gone') continue;
+    if (outcome === 'adopted') {
+      keptRecent += dead.length;
+      continue;
+    }
+    store.forgetPack(pack);
+    changedDirs.add(join(store.packPath(pack), '..'));
+    removedChunks += dead.length;
+    removedBytes += deadBytes;
+    if (live.length > 0) repackedPacks++;
+    else removedPacks++;
+  }
+  if (!options.dryRun) for (const dir of changedDirs) await fsyncDir(dir);
+  return {
+    chunkFiles,
+    removedChunks,
+    removedBytes,
+    keptRecent,
+    removedTempFiles,
+    packs: { packs: packs.length, removedPacks, repackedPacks, keptUnreferenced },
+  };
 }

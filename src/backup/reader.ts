@@ -5,12 +5,14 @@
 import { promises as fsp } from 'node:fs';
 import { CorruptChunkError, RepositoryError } from './errors.js';
 import { CHUNK_HEADER_SIZE, DIGEST_LENGTH, MAX_CHUNK_SIZE, decodeChunk, isZeroDigest, type RestorePointIndex } from './format.js';
+import type { ChunkLocation } from './packs.js';
 import { Repository, errnoCode } from './repository.js';
 import type { RestorePointInfo, RestorePointReader } from './types.js';
 import { countZeroDigests, runBounded } from './writer.js';
 
 /**
- * Read and verify one chunk file (CRC32, inflate, SHA-256): CorruptChunkError on any problem.
+ * Read and verify one chunk (its file, or its record in a pack: the same bytes) — CRC32, inflate,
+ * SHA-256: CorruptChunkError on any problem.
  *
  * A valid chunk file is at most header + `length` bytes (a payload is stored deflated only if that
  * is smaller), so one read into a buffer of that size + 1 gets all of it without the fstat and
@@ -25,8 +27,13 @@ export async function readChunk(repo: Repository, digest: Buffer, length: number
     throw new RepositoryError(`chunk length ${length} is out of range (0..${MAX_CHUNK_SIZE})`);
   }
   const hex = digest.toString('hex');
+  const { file, path } = repo.chunkStore === 'packs' ? await readPackedRecord(repo, hex, length, into) : await readChunkFile(repo, hex, length, into);
+  return decodeChunk(file, digest, length, path, checkCrc);
+}
+
+/** The file of a chunk ("files" store). */
+async function readChunkFile(repo: Repository, hex: string, length: number, into?: Buffer): Promise<{ file: Buffer; path: string }> {
   const path = repo.chunkPath(hex);
-  let file: Buffer;
   try {
     const handle = await fsp.open(path, 'r');
     try {
@@ -43,7 +50,7 @@ export async function readChunk(repo: Repository, digest: Buffer, length: number
       if (filled === buffer.length) {
         throw new CorruptChunkError(hex, `file is longer than a chunk of ${length} bytes can be`, path);
       }
-      file = buffer.subarray(0, filled);
+      return { file: buffer.subarray(0, filled), path };
     } finally {
       await handle.close();
     }
@@ -52,7 +59,33 @@ export async function readChunk(repo: Repository, digest: Buffer, length: number
     const reason = errnoCode(err) === 'ENOENT' ? 'chunk file is missing' : `cannot read: ${err instanceof Error ? err.message : String(err)}`;
     throw new CorruptChunkError(hex, reason, path);
   }
-  return decodeChunk(file, digest, length, path, checkCrc);
+}
+
+/** A chunk's record in its pack ("packs" store): one pread through the store's pooled handles. */
+async function readPackedRecord(repo: Repository, hex: string, length: number, into?: Buffer): Promise<{ file: Buffer; path: string }> {
+  const store = repo.packs;
+  let location;
+  try {
+    location = await store.locate(hex);
+  } catch (err) {
+    throw new CorruptChunkError(hex, `cannot read the pack index: ${err instanceof Error ? err.message : String(err)}`, store.dir);
+  }
+  if (location === undefined) throw new CorruptChunkError(hex, 'chunk is missing (no pack holds it)', store.dir);
+  if (location.length > CHUNK_HEADER_SIZE + length) {
+    throw new CorruptChunkError(hex, `record of ${location.length} bytes is longer than a chunk of ${length} bytes can be`, packRecordPath(repo, location));
+  }
+  try {
+    const { record, location: at } = await store.readRecord(hex, location, into);
+    return { file: record, path: packRecordPath(repo, at) };
+  } catch (err) {
+    const reason = errnoCode(err) === 'ENOENT' ? 'pack file is missing' : `cannot read: ${err instanceof Error ? err.message : String(err)}`;
+    throw new CorruptChunkError(hex, reason, packRecordPath(repo, location));
+  }
+}
+
+/** "…/packs/ab/ab….pack@OFFSET": where verify and logs say a packed chunk is. */
+export function packRecordPath(repo: Repository, location: ChunkLocation): string {
+  return `${repo.packs.packPath(location.pack)}@${location.offset}`;
 }
 
 /** Bytes `readChunk` needs to read the file of a chunk of `length` bytes (header + payload + 1). */
@@ -129,6 +162,7 @@ class RepositoryRestorePoint implements RestorePointReader {
 
   async close(): Promise<void> {
     this.closed = true;
+    await this.repo.close();
   }
 
   private checkIndex(index: number): void {

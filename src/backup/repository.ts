@@ -1,8 +1,10 @@
 /**
  * Repository on a local directory: layout, atomic writes, locks and running-writer markers.
  *
- *   repo.json                         format marker (version, created)
- *   chunks/<4 hex>/<64 hex>           chunk files, named by SHA-256 of the uncompressed content
+ *   repo.json                         format marker (version, created, chunk store)
+ *   packs/<2 hex>/<32 hex>.pack       chunk store "packs" (default): many chunk records per file
+ *   chunks/<2 hex>/<64 hex>           chunk store "files": one file per chunk, named by the SHA-256
+ *                                     of its uncompressed content (4 hex digits in the first layout)
  *   vms/<vm>/<pointId>.index          one complete index per restore point
  *   locks/vm-<vm>.lock                exclusive writer lock of one VM (backup, commit, prune)
  *   locks/gc.lock                     exclusive lock of the garbage collector
@@ -16,6 +18,7 @@ import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { RepositoryError } from './errors.js';
 import { decodeIndex, type RestorePointIndex } from './format.js';
+import { PackStore } from './packs.js';
 
 export const REPOSITORY_FORMAT = 'bootrestore-repository';
 export const REPOSITORY_FORMAT_VERSION = 1;
@@ -48,12 +51,41 @@ export const CHUNK_PREFIX_LENGTH = 2;
 /** Repositories whose repo.json has no `chunkPrefixLength` (the first layout) use 4 (65,536 directories). */
 const LEGACY_CHUNK_PREFIX_LENGTH = 4;
 
+/**
+ * How chunks are stored: "packs" (many chunk records per pack file, src/backup/packs.ts; the
+ * default for new repositories) or "files" (one file per chunk; repositories made before packs).
+ */
+export type ChunkStoreKind = 'files' | 'packs';
+export const CHUNK_STORE_KINDS: readonly ChunkStoreKind[] = ['packs', 'files'];
+export const DEFAULT_CHUNK_STORE: ChunkStoreKind = 'packs';
+
+export interface CreateOptions {
+  /** Chunk store of a new repository (default DEFAULT_CHUNK_STORE); ignored when it exists. */
+  readonly chunkStore?: ChunkStoreKind;
+}
+
 export class Repository {
+  /** The pack store (chunkStore "packs" only). */
+  private packStore: PackStore | null = null;
+
   private constructor(
     readonly dir: string,
     /** Hex digits of the digest that name a chunk's directory (`chunks/<prefix>/<digest>`). */
     readonly chunkPrefixLength: number,
+    readonly chunkStore: ChunkStoreKind,
   ) {}
+
+  /** The pack index and read handles of a "packs" repository (one per Repository object). */
+  get packs(): PackStore {
+    if (this.chunkStore !== 'packs') throw new RepositoryError(`repository ${this.dir} stores chunks as files, not packs`);
+    this.packStore ??= new PackStore(join(this.dir, 'packs'));
+    return this.packStore;
+  }
+
+  /** Release read handles (pack files). */
+  async close(): Promise<void> {
+    await this.packStore?.close();
+  }
 
   /** Open an existing repository; throws RepositoryError naming the path and reason. */
   static async open(dir: string): Promise<Repository> {
@@ -73,7 +105,7 @@ export class Repository {
     } catch {
       throw new RepositoryError(`${marker} is not valid JSON`);
     }
-    const p = parsed as { format?: unknown; version?: unknown; chunkPrefixLength?: unknown };
+    const p = parsed as { format?: unknown; version?: unknown; chunkPrefixLength?: unknown; chunkStore?: unknown };
     if (typeof parsed !== 'object' || parsed === null || p.format !== REPOSITORY_FORMAT) {
       throw new RepositoryError(`${marker} is not a bootrestore repository marker`);
     }
@@ -84,11 +116,16 @@ export class Repository {
     if (typeof prefixLength !== 'number' || !Number.isInteger(prefixLength) || prefixLength < 1 || prefixLength > 4) {
       throw new RepositoryError(`${marker}: chunkPrefixLength must be an integer from 1 to 4 (got ${JSON.stringify(prefixLength)})`);
     }
-    return new Repository(dir, prefixLength);
+    // Repositories made before packs have no chunkStore: their chunks are files.
+    const chunkStore = p.chunkStore ?? 'files';
+    if (chunkStore !== 'files' && chunkStore !== 'packs') {
+      throw new RepositoryError(`${marker}: chunkStore must be "packs" or "files" (got ${JSON.stringify(chunkStore)})`);
+    }
+    return new Repository(dir, prefixLength, chunkStore);
   }
 
   /** Open the repository, creating it if `dir` does not exist or is an empty directory. */
-  static async openOrCreate(dir: string): Promise<{ repo: Repository; created: boolean }> {
+  static async openOrCreate(dir: string, options: CreateOptions = {}): Promise<{ repo: Repository; created: boolean }> {
     let entries: string[] | null = null;
     try {
       entries = await fsp.readdir(dir);
@@ -96,16 +133,24 @@ export class Repository {
       if (errnoCode(err) !== 'ENOENT') throw new RepositoryError(`cannot read ${dir}: ${err instanceof Error ? err.message : String(err)}`);
     }
     if (entries !== null && entries.length > 0) return { repo: await Repository.open(dir), created: false };
+    const chunkStore = options.chunkStore ?? DEFAULT_CHUNK_STORE;
     await fsp.mkdir(dir, { recursive: true });
-    for (const sub of ['chunks', 'vms', 'locks', 'writers']) await fsp.mkdir(join(dir, sub), { recursive: true });
+    const subdirs = [chunkStore === 'packs' ? 'packs' : 'chunks', 'vms', 'locks', 'writers'];
+    for (const sub of subdirs) await fsp.mkdir(join(dir, sub), { recursive: true });
     const marker = JSON.stringify(
-      { format: REPOSITORY_FORMAT, version: REPOSITORY_FORMAT_VERSION, created: new Date().toISOString(), chunkPrefixLength: CHUNK_PREFIX_LENGTH },
+      {
+        format: REPOSITORY_FORMAT,
+        version: REPOSITORY_FORMAT_VERSION,
+        created: new Date().toISOString(),
+        chunkStore,
+        chunkPrefixLength: CHUNK_PREFIX_LENGTH,
+      },
       null,
       2,
     );
     await writeFileAtomic(join(dir, 'repo.json'), Buffer.from(marker + '\n'));
     await fsyncDir(dir);
-    return { repo: new Repository(dir, CHUNK_PREFIX_LENGTH), created: true };
+    return { repo: new Repository(dir, CHUNK_PREFIX_LENGTH, chunkStore), created: true };
   }
 
   /** Name of the directory (under chunks/) that holds a chunk. */

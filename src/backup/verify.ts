@@ -85,11 +85,12 @@ export async function verifyRepository(repoDir: string, options: VerifyOptions =
     } catch (err) {
       if (!(err instanceof CorruptChunkError)) throw err;
       logger.warn({ digest: hex, reason: err.reason, path: err.path }, 'bad chunk');
-      problems.push({ digest: hex, path: err.path ?? repo.chunkPath(hex), reason: err.reason, points: [...points] });
+      problems.push({ digest: hex, path: err.path ?? repo.dir, reason: err.reason, points: [...points] });
     }
     done++;
     options.onProgress?.(done, list.length);
   });
+  await repo.close();
   problems.sort((a, b) => a.digest.localeCompare(b.digest));
   const brokenPoints = new Set<string>();
   for (const p of problems) for (const name of p.points) brokenPoints.add(name);

@@ -5,9 +5,7 @@
  * Used by the backup engine (content from a DiskSource) and by `bootrestore commit` (content from
  * a base restore point plus a write delta) through `writeRestorePoint`.
  */
-import { randomBytes } from 'node:crypto';
 import { promises as fsp } from 'node:fs';
-import type { FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
@@ -27,7 +25,8 @@ import {
   MAX_CHUNK_SIZE,
   type RestorePointIndex,
 } from './format.js';
-import { Repository, errnoCode, fsyncDir, isPointId, pointIdFor, writeFileAtomic } from './repository.js';
+import { FileChunkSink, PackChunkSink, type ChunkSink } from './chunk-sink.js';
+import { Repository, fsyncDir, isPointId, pointIdFor, writeFileAtomic } from './repository.js';
 import type { RestorePointInfo } from './types.js';
 
 /** Content of one chunk of a new restore point. */
@@ -186,10 +185,6 @@ export class WriteSession {
       if (!isZeroDigest(d)) known.add(d.toString('hex'));
     }
     const inFlight = new Map<string, Promise<void>>();
-    /** Chunks found on disk (not written by us, not the parent's): re-checked before publishing. */
-    const adopted = new Set<string>();
-    const touchedDirs = new Set<string>();
-    const createdDirs = new Set<string>();
 
     let zeroChunks = 0;
     let parentChunks = 0;
@@ -207,18 +202,8 @@ export class WriteSession {
     const codec = options.codec ?? DEFAULT_CODEC;
     const codecProblem = codecLevelProblem(codec, compressionLevel);
     if (codecProblem !== undefined) throw new RepositoryError(codecProblem);
-    // Chunk prefix directories present when the write starts, listed once. A chunk whose prefix
-    // directory was absent cannot have existed then: it needs neither the adoption probe (utimes,
-    // which fails with ENOENT for every new chunk of a fresh repository) nor a mkdir probe. A
-    // directory another writer creates meanwhile only means a chunk may be written twice
-    // (identical content, atomic rename): harmless.
-    const chunksDir = join(repo.dir, 'chunks');
-    const prefixDirsAtStart = new Set(await fsp.readdir(chunksDir).catch((err: unknown) => {
-      if (errnoCode(err) === 'ENOENT') return [];
-      throw err;
-    }));
 
-    const batch = new DurableBatch(64, 64 * 1024 * 1024, (dir) => touchedDirs.add(dir));
+    const sink: ChunkSink = repo.chunkStore === 'packs' ? new PackChunkSink(repo) : await FileChunkSink.start(repo);
     const storeChunk = async (hex: string, data: Buffer): Promise<'new' | 'dedup'> => {
       if (known.has(hex)) return 'dedup';
       const pending = inFlight.get(hex);
@@ -228,31 +213,9 @@ export class WriteSession {
       }
       let result: 'new' | 'dedup' = 'dedup';
       const work = (async () => {
-        const path = repo.chunkPath(hex);
-        const prefix = repo.chunkPrefix(hex);
-        const dir = repo.chunkDir(hex);
-        // An existing file is adopted; bumping its mtime tells a concurrent gc it is in use.
-        let exists = false;
-        if (prefixDirsAtStart.has(prefix)) {
-          const now = new Date();
-          exists = await fsp.utimes(path, now, now).then(
-            () => true,
-            (err: unknown) => {
-              if (errnoCode(err) === 'ENOENT') return false;
-              throw err;
-            },
-          );
-        }
-        if (exists) {
-          adopted.add(hex);
-        } else {
-          // gc never removes prefix directories: one listed at the start still exists.
-          if (!createdDirs.has(dir) && !prefixDirsAtStart.has(prefix)) {
-            await fsp.mkdir(dir, { recursive: true });
-            createdDirs.add(dir);
-          }
+        if (!(await sink.adopt(hex))) {
           const encoded = await encodeChunkParts(data, { compress, codec, ...(compressionLevel !== undefined ? { level: compressionLevel } : {}) });
-          await batch.add(path, dir, encoded.header, encoded.payload);
+          await sink.put(hex, encoded.header, encoded.payload);
           newBytesUncompressed += data.length;
           newBytesStored += encoded.storedLength;
           result = 'new';
@@ -308,23 +271,15 @@ export class WriteSession {
 
     try {
       await runBounded(chunkCount, options.concurrency ?? 8, processChunk);
-      await batch.flush();
+      await sink.flush();
     } catch (err) {
-      await batch.abort();
+      await sink.abort();
       throw err;
     }
-
-    // Chunks adopted from other restore points: a concurrent gc must not have removed them.
-    for (const hex of adopted) {
-      try {
-        await fsp.stat(repo.chunkPath(hex));
-      } catch {
-        throw new RepositoryError(`chunk ${hex} disappeared during the write (concurrent gc?): nothing was published, run it again`);
-      }
-    }
-    const dirsToSync = [...touchedDirs];
-    await runBounded(dirsToSync.length, 8, (k) => fsyncDir(dirsToSync[k]!));
-    if (touchedDirs.size > 0) await fsyncDir(join(repo.dir, 'chunks'));
+    // Chunks adopted from other restore points must still be there (a concurrent gc), and every
+    // new file's directory entry durable, before an index names them.
+    await sink.recheckAdopted();
+    await sink.syncDirectories();
 
     // Publish the index: its id sorts after every existing one of this VM.
     const vmDir = repo.vmDir(spec.vm);
@@ -410,129 +365,4 @@ export async function runBounded(
   for (let w = 0; w < Math.max(1, Math.min(limit, count)); w++) workers.push(worker());
   await Promise.all(workers);
   if (failure !== null) throw (failure as { error: unknown }).error;
-}
-
-interface PendingFile {
-  readonly handle: FileHandle;
-  readonly tmp: string;
-  readonly final: string;
-  readonly dir: string;
-}
-
-/**
- * New chunk files are written under temporary names and made durable in groups: one burst of
- * concurrent fdatasyncs lets the file system batch its journal commits (measured: 64 KiB chunks,
- * one fdatasync each, are several times slower). A file gets its final name only after its data is
- * durable, so an existing chunk file is always complete (backups adopt existing chunks by name).
- */
-class DurableBatch {
-  private pending: PendingFile[] = [];
-  private pendingBytes = 0;
-  /** Tail of the chain of flushes (they run one at a time, in order); never rejects. */
-  private flushing: Promise<void> = Promise.resolve();
-  /** Flushes started and not yet finished. */
-  private flushesInFlight = 0;
-  /** The first flush failure: later flushes discard their files and report it. */
-  private failure: { error: unknown } | null = null;
-
-  constructor(
-    private readonly maxFiles: number,
-    private readonly maxBytes: number,
-    private readonly onRenamed: (dir: string) => void,
-  ) {}
-
-  /** Write `header` + `payload` (one writev) to a temporary file; durable and renamed at the next flush. */
-  async add(final: string, dir: string, header: Buffer, payload: Buffer): Promise<void> {
-    const tmp = `${final}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`;
-    const handle = await fsp.open(tmp, 'wx', 0o644);
-    const size = header.length + payload.length;
-    try {
-      let written = (await handle.writev([header, payload], 0)).bytesWritten;
-      // writev to a regular file writes everything at once; finish a short write all the same.
-      while (written < size) {
-        const rest = Buffer.concat([header, payload]).subarray(written);
-        written += (await handle.write(rest, 0, rest.length, written)).bytesWritten;
-      }
-    } catch (err) {
-      await handle.close().catch(() => undefined);
-      await fsp.rm(tmp, { force: true }).catch(() => undefined);
-      throw err;
-    }
-    this.pending.push({ handle, tmp, final, dir });
-    this.pendingBytes += size;
-    if (this.pending.length >= this.maxFiles || this.pendingBytes >= this.maxBytes) {
-      // The batch syncs in the background while chunks keep being read, hashed and compressed.
-      // Back-pressure: with one more batch already waiting behind the running one, wait for it.
-      const flushed = this.flush();
-      if (this.flushesInFlight > 2) await flushed;
-    }
-  }
-
-  /**
-   * Make every file added so far durable and rename it into place. Flushes run one at a time, in
-   * order; the returned promise rejects with the first failure of this or any earlier flush.
-   */
-  flush(): Promise<void> {
-    const files = this.pending;
-    this.pending = [];
-    this.pendingBytes = 0;
-    this.flushesInFlight++;
-    const run = this.flushing.then(async () => {
-      try {
-        if (this.failure !== null) {
-          await discardFiles(files);
-          throw this.failure.error;
-        }
-        try {
-          await this.syncAndRename(files);
-        } catch (error) {
-          this.failure ??= { error };
-          throw error;
-        }
-      } finally {
-        this.flushesInFlight--;
-      }
-    });
-    // Handled here so that a background flush nobody awaits is no unhandled rejection; its error
-    // reaches the writer through the next add's back-pressure wait or the final flush().
-    this.flushing = run.catch(() => undefined);
-    return run;
-  }
-
-  /** After a failure: close and delete files not yet renamed. */
-  async abort(): Promise<void> {
-    const files = this.pending;
-    this.pending = [];
-    await this.flushing.catch(() => undefined);
-    for (const f of files) {
-      await f.handle.close().catch(() => undefined);
-      await fsp.rm(f.tmp, { force: true }).catch(() => undefined);
-    }
-  }
-
-  private async syncAndRename(files: PendingFile[]): Promise<void> {
-    const renamed = new Set<PendingFile>();
-    try {
-      await runBounded(files.length, 32, (k) => files[k]!.handle.datasync());
-      // Each file is durable now: close and rename them in any order (the index comes later).
-      await runBounded(files.length, 32, async (k) => {
-        const f = files[k]!;
-        await f.handle.close();
-        await fsp.rename(f.tmp, f.final);
-        renamed.add(f);
-        this.onRenamed(f.dir);
-      });
-    } catch (err) {
-      await discardFiles(files.filter((f) => !renamed.has(f)));
-      throw err;
-    }
-  }
-}
-
-/** Close (if still open) and delete temporary chunk files that were not renamed into place. */
-async function discardFiles(files: readonly PendingFile[]): Promise<void> {
-  for (const f of files) {
-    await f.handle.close().catch(() => undefined);
-    await fsp.rm(f.tmp, { force: true }).catch(() => undefined);
-  }
 }

@@ -1,14 +1,16 @@
-/** `bootrestore backup SOURCE --repo DIR --vm NAME [--chunk-size N] [--changed-blocks FILE] [--compression C] [--compression-level N] [--json]` */
+/** `bootrestore backup SOURCE --repo DIR --vm NAME [--chunk-size N] [--changed-blocks FILE] [--compression C] [--compression-level N] [--chunk-store S] [--json]` */
 import { readFile } from 'node:fs/promises';
 import { parseArgs, requireValue, UsageError } from '../args.js';
 import { createRootLogger } from '../../log.js';
 import { openSource } from '../../backup/sources/open.js';
 import { backupSource, parseChangedBlocks, type ByteRange } from '../../backup/engine.js';
+import { CHUNK_STORE_KINDS, type ChunkStoreKind } from '../../backup/repository.js';
 import { codecLevelProblem, DEFAULT_CODEC, DEFAULT_CODEC_LEVEL, type ChunkCodec } from '../../backup/format.js';
 import { ProgressBar, formatBytes, parseSize, printJson, usageRequested, useLargerThreadPool } from '../../backup/cli-support.js';
 
 const USAGE = `usage: bootrestore backup SOURCE --repo DIR --vm NAME [--chunk-size N] [--changed-blocks FILE]
-                          [--compression brotli|deflate|none] [--compression-level N] [--json]
+                          [--compression brotli|deflate|none] [--compression-level N]
+                          [--chunk-store packs|files] [--json]
 
 Back up a disk image (raw, qcow2, VMDK) as a new restore point of VM NAME. The repository is
 created if DIR does not exist or is empty. The first backup of a VM is full and fixes its chunk
@@ -22,6 +24,8 @@ whose content changed.
                          reads) or none. Chunks that do not shrink by 10 % are stored as they are.
                          Every reader reads every codec; dedup does not depend on it.
   --compression-level N  the codec's level (higher: smaller and slower to write)
+  --chunk-store S        only when this backup creates the repository: packs (default; new chunks
+                         go into ~16 MiB pack files) or files (one file per chunk, the first layout)
   --json                 print the result as JSON on stdout`;
 
 export async function run(argv: string[]): Promise<number> {
@@ -30,7 +34,7 @@ export async function run(argv: string[]): Promise<number> {
     process.stdout.write(USAGE + '\n');
     return 0;
   }
-  const args = parseArgs(argv, { values: ['repo', 'vm', 'chunk-size', 'changed-blocks', 'compression', 'compression-level'], booleans: ['json'] });
+  const args = parseArgs(argv, { values: ['repo', 'vm', 'chunk-size', 'changed-blocks', 'compression', 'compression-level', 'chunk-store'], booleans: ['json'] });
   if (args.positionals.length !== 1) throw new UsageError('backup needs exactly one SOURCE image');
   const sourcePath = args.positionals[0]!;
   const repoDir = requireValue(args, 'repo');
@@ -49,6 +53,10 @@ export async function run(argv: string[]): Promise<number> {
     const problem = codecLevelProblem(compression, compressionLevel);
     if (problem !== undefined) throw new UsageError(`--compression/--compression-level: ${problem}`);
   }
+  const chunkStore = args.values.get('chunk-store');
+  if (chunkStore !== undefined && !(CHUNK_STORE_KINDS as readonly string[]).includes(chunkStore)) {
+    throw new UsageError(`--chunk-store must be ${CHUNK_STORE_KINDS.join(' or ')} (got "${chunkStore}")`);
+  }
   const json = args.booleans.has('json');
   const logger = createRootLogger(process.env.BOOTRESTORE_LOG_LEVEL ?? 'warn').child({ command: 'backup', vm });
 
@@ -61,6 +69,7 @@ export async function run(argv: string[]): Promise<number> {
       chunkSize,
       changedBlocks,
       logger,
+      ...(chunkStore !== undefined ? { chunkStore: chunkStore as ChunkStoreKind } : {}),
       compress: compression !== 'none',
       ...(compression !== 'none' ? { codec: compression as ChunkCodec } : {}),
       ...(compressionLevel !== undefined ? { compressionLevel } : {}),

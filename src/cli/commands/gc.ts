@@ -25,10 +25,16 @@ export async function run(argv: string[]): Promise<number> {
   if (args.booleans.has('json')) {
     printJson({ dryRun, ...result });
   } else {
+    const p = result.packs;
+    const packs =
+      p === undefined
+        ? ''
+        : `; ${p.packs} packs: ${p.removedPacks} ${dryRun ? 'to delete' : 'deleted'}, ${p.repackedPacks} ${dryRun ? 'to rewrite' : 'rewritten'}, ` +
+          `${p.keptUnreferenced} unreferenced chunks left in mostly referenced packs`;
     process.stdout.write(
-      `gc: ${result.indexes} indexes reference ${result.referencedChunks} chunks; ${result.chunkFiles} chunk files; ` +
+      `gc: ${result.indexes} indexes reference ${result.referencedChunks} chunks; ${result.chunkFiles} chunks stored; ` +
         `${dryRun ? 'would remove' : 'removed'} ${result.removedChunks} (${formatBytes(result.removedBytes)}), kept ${result.keptRecent} recent ` +
-        `unreferenced (cutoff ${result.cutoff}), ${result.removedTempFiles} temporary files in ${result.seconds.toFixed(1)} s\n`,
+        `unreferenced (cutoff ${result.cutoff}), ${result.removedTempFiles} temporary files${packs} in ${result.seconds.toFixed(1)} s\n`,
     );
   }
   return 0;
