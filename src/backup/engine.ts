@@ -80,14 +80,24 @@ export async function backupSource(repoDir: string, source: DiskSource, options:
     }
     const zeroChunks = source.zeroRanges ? fullyCoveredChunks(await source.zeroRanges(), imageSize, chunkSize) : null;
 
+    const stripes = changed === null && chunkSize < STRIPE_BYTES ? new StripeReader(source, chunkSize, chunkCount, zeroChunks) : null;
     const chunkContent = async (index: number, length: number): Promise<ChunkContent> => {
       if (changed !== null && changed[index] === 0) return 'parent';
       if (zeroChunks !== null && zeroChunks[index] === 1) return 'zero';
-      return source.read(index * chunkSize, length);
+      return stripes !== null ? stripes.chunk(index, length) : source.read(index * chunkSize, length);
     };
     logger.debug({ vm: options.vm, parent: parentId, chunkSize, chunkCount }, 'backup starting');
     const result = await session.write(
-      { vm: options.vm, parent: parentId, imageSize, chunkSize, source: source.description, chunkContent },
+      {
+        vm: options.vm,
+        parent: parentId,
+        imageSize,
+        chunkSize,
+        source: source.description,
+        chunkContent,
+        // Reads share one fstat per 50 ms: check once more after the last one.
+        beforePublish: async () => source.checkUnchanged?.(),
+      },
       parent,
       { ...options, logger },
     );
@@ -98,6 +108,49 @@ export async function backupSource(repoDir: string, source: DiskSource, options:
     };
   } finally {
     await session.end();
+  }
+}
+
+/** A full or incremental backup reads the source this many bytes at a time (several small chunks). */
+export const STRIPE_BYTES = 1024 * 1024;
+
+/**
+ * Reads a source in stripes of STRIPE_BYTES and hands out each chunk as a view of its stripe: one
+ * read (one thread-pool round trip, ~60 µs of event-loop time on this paravirtual guest) per
+ * stripe instead of one per chunk. Every chunk is asked for once, in roughly ascending order; a
+ * stripe is forgotten when the last of its chunks has been handed out.
+ */
+class StripeReader {
+  private readonly chunksPerStripe: number;
+  private readonly stripes = new Map<number, { readonly data: Promise<Buffer>; remaining: number }>();
+
+  constructor(
+    private readonly source: DiskSource,
+    private readonly chunkSize: number,
+    private readonly chunkCount: number,
+    /** Chunks known to be zero: never asked for. */
+    private readonly zeroChunks: Uint8Array | null,
+  ) {
+    this.chunksPerStripe = STRIPE_BYTES / chunkSize;
+  }
+
+  async chunk(index: number, length: number): Promise<Buffer> {
+    const stripe = Math.floor(index / this.chunksPerStripe);
+    let entry = this.stripes.get(stripe);
+    if (entry === undefined) {
+      const first = stripe * this.chunksPerStripe;
+      const end = Math.min(this.chunkCount, first + this.chunksPerStripe);
+      let remaining = 0;
+      for (let i = first; i < end; i++) if (this.zeroChunks === null || this.zeroChunks[i] === 0) remaining++;
+      const offset = first * this.chunkSize;
+      const bytes = Math.min(this.source.size, end * this.chunkSize) - offset;
+      entry = { data: this.source.read(offset, bytes), remaining };
+      this.stripes.set(stripe, entry);
+    }
+    if (--entry.remaining === 0) this.stripes.delete(stripe);
+    const data = await entry.data;
+    const at = (index - stripe * this.chunksPerStripe) * this.chunkSize;
+    return data.subarray(at, at + length);
   }
 }
 

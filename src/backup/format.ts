@@ -3,14 +3,13 @@
  * Layouts are documented in docs/repository-format.md; all integers are little-endian.
  */
 import { createHash } from 'node:crypto';
-import { brotliCompress, brotliDecompress, crc32, deflateRaw, deflateRawSync, inflateRaw, constants as zlibConstants } from 'node:zlib';
+import { brotliDecompress, crc32, inflateRaw, constants as zlibConstants } from 'node:zlib';
 import { promisify } from 'node:util';
+import { chunkEncoderPool } from './encoder-pool.js';
 import { CorruptChunkError, RepositoryError } from './errors.js';
 import type { RestorePointInfo } from './types.js';
 
-const deflateRawAsync = promisify(deflateRaw);
 const inflateRawAsync = promisify(inflateRaw);
-const brotliCompressAsync = promisify(brotliCompress);
 const brotliDecompressAsync = promisify(brotliDecompress);
 
 // ---------------------------------------------------------------------------------------------
@@ -24,9 +23,9 @@ export const CHUNK_HEADER_SIZE = 24;
 
 export const enum ChunkCompression {
   None = 0,
-  /** Raw DEFLATE (RFC 1951), via node:zlib's async API (libuv thread pool). */
+  /** Raw DEFLATE (RFC 1951). Written on the encoder pool's worker threads, read via node:zlib's async API. */
   Deflate = 1,
-  /** Brotli (RFC 7932), via node:zlib's async API (libuv thread pool). */
+  /** Brotli (RFC 7932). Written on the encoder pool's worker threads, read via node:zlib's async API. */
   Brotli = 2,
 }
 
@@ -47,9 +46,6 @@ export function codecLevelProblem(codec: string, level: number | undefined): str
   if (!Number.isInteger(level) || level < min || level > max) return `${codec} level ${level} is invalid: use ${min} to ${max}`;
   return undefined;
 }
-
-/** Compression is kept only if it saves at least this fraction of the chunk. */
-const MIN_SAVING = 0.1;
 
 /** Largest chunk we accept (also guards inflate against decompression bombs). */
 export const MAX_CHUNK_SIZE = 16 * 1024 * 1024;
@@ -75,28 +71,6 @@ export function isAllZero(data: Buffer): boolean {
     if (!data.subarray(off, end).equals(ZERO_PAGE.subarray(0, end - off))) return false;
   }
   return true;
-}
-
-const SAMPLE_SIZE = 4096;
-/**
- * Probe with a 4 KiB window and a small hash table, synchronously: ~40 KiB of deflate state, which
- * malloc serves from its heap. The default state (~270 KiB) is a fresh mmap per stream, and its page
- * faults plus two thread-pool round trips per chunk cost more than the probe itself (−10 % wall
- * time of a 1 GiB backup here, same chunks judged compressible).
- */
-const PROBE_OPTIONS = { level: 1, windowBits: 12, memLevel: 6 } as const;
-
-/**
- * Deflating incompressible data (encrypted, already compressed) costs ~5x more CPU than hashing it
- * and saves nothing. Deflate two 4 KiB samples (start and middle) first; if neither saves 10%, the
- * chunk is stored as is. Small chunks are always tried.
- */
-function looksCompressible(data: Buffer): boolean {
-  if (data.length < 16 * SAMPLE_SIZE) return true;
-  const mid = Math.floor(data.length / 2 / SAMPLE_SIZE) * SAMPLE_SIZE;
-  const samples = [data.subarray(0, SAMPLE_SIZE), data.subarray(mid, mid + SAMPLE_SIZE)];
-  const sizes = samples.map((s) => deflateRawSync(s, PROBE_OPTIONS).length);
-  return sizes.some((n) => n <= SAMPLE_SIZE * (1 - MIN_SAVING));
 }
 
 export interface EncodedChunk {
@@ -126,7 +100,8 @@ export interface EncodeOptions {
 
 /**
  * Build a chunk file: 24-byte header (magic, version, compression, uncompressed length, stored
- * length, CRC32 of the stored payload) followed by the payload. Deflate runs off the event loop.
+ * length, CRC32 of the stored payload) followed by the payload. Compression runs on the encoder
+ * pool's worker threads (src/backup/encoder-pool.ts), off the event loop.
  */
 export async function encodeChunk(data: Buffer, options: EncodeOptions = {}): Promise<EncodedChunk> {
   const parts = await encodeChunkParts(data, options);
@@ -141,29 +116,15 @@ export async function encodeChunk(data: Buffer, options: EncodeOptions = {}): Pr
  * with one writev instead of copying the payload into a new buffer.
  */
 export async function encodeChunkParts(data: Buffer, options: EncodeOptions = {}): Promise<EncodedChunkParts> {
-  let payload = data;
-  let compression = ChunkCompression.None;
-  if ((options.compress ?? true) && data.length > 0 && looksCompressible(data)) {
-    const codec = options.codec ?? DEFAULT_CODEC;
-    const level = options.level ?? DEFAULT_CODEC_LEVEL[codec];
-    // One output buffer of the chunk's size: zlib's default 16 KiB output steps cost one thread-pool
-    // round trip each. Output beyond 90 % of the input is discarded anyway.
-    const outputBytes = Math.max(zlibConstants.Z_MIN_CHUNK, data.length);
-    const compressed =
-      codec === 'brotli'
-        ? await brotliCompressAsync(data, {
-            chunkSize: outputBytes,
-            params: {
-              [zlibConstants.BROTLI_PARAM_QUALITY]: level,
-              [zlibConstants.BROTLI_PARAM_SIZE_HINT]: data.length,
-            },
-          })
-        : await deflateRawAsync(data, { level, strategy: zlibConstants.Z_DEFAULT_STRATEGY, chunkSize: outputBytes });
-    if (compressed.length <= data.length * (1 - MIN_SAVING)) {
-      payload = compressed;
-      compression = codec === 'brotli' ? ChunkCompression.Brotli : ChunkCompression.Deflate;
-    }
-  }
+  const codec = options.codec ?? DEFAULT_CODEC;
+  const encoded = await chunkEncoderPool().encode(data, {
+    compress: options.compress ?? true,
+    codec,
+    level: options.level ?? DEFAULT_CODEC_LEVEL[codec],
+  });
+  const payload = encoded.compressed ?? data;
+  const compression =
+    encoded.codec === null ? ChunkCompression.None : encoded.codec === 'brotli' ? ChunkCompression.Brotli : ChunkCompression.Deflate;
   const header = Buffer.allocUnsafe(CHUNK_HEADER_SIZE);
   header.writeUInt32LE(CHUNK_MAGIC, 0);
   header.writeUInt8(CHUNK_FORMAT_VERSION, 4);
@@ -171,7 +132,7 @@ export async function encodeChunkParts(data: Buffer, options: EncodeOptions = {}
   header.writeUInt16LE(0, 6);
   header.writeUInt32LE(data.length, 8);
   header.writeUInt32LE(payload.length, 12);
-  header.writeUInt32LE(crc32(payload), 16);
+  header.writeUInt32LE(encoded.crc, 16);
   header.writeUInt32LE(0, 20);
   return { header, payload, compression, storedLength: payload.length };
 }

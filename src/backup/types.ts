@@ -22,6 +22,11 @@ export interface DiskSource {
    * (unallocated in the image), so backup can skip reading them. May return [] if unknown.
    */
   zeroRanges?(): Promise<ReadonlyArray<{ offset: number; length: number }>>;
+  /**
+   * Optional: throw SourceError if any file of the image changed since it was opened (checked now).
+   * The backup calls it after its last read, before it publishes the restore point.
+   */
+  checkUnchanged?(): Promise<void>;
   close(): Promise<void>;
 }
 

@@ -51,6 +51,8 @@ export interface RestorePointSpec {
    * concurrency, roughly in index order.
    */
   chunkContent(index: number, length: number): Promise<ChunkContent>;
+  /** Called after the last chunk was read, before the index is published (e.g. "source unchanged?"). */
+  beforePublish?(): Promise<void>;
 }
 
 export interface WriteProgress {
@@ -61,7 +63,7 @@ export interface WriteProgress {
 
 export interface WriteOptions {
   readonly logger?: Logger;
-  /** Chunks processed at once (default 8). */
+  /** Chunks processed at once (default `defaultWriteConcurrency(chunkSize)`). */
   readonly concurrency?: number;
   /** Try to compress each chunk (default true). */
   readonly compress?: boolean;
@@ -102,6 +104,14 @@ export interface WriteResult {
 }
 
 export const MIN_CHUNK_SIZE = 64 * 1024;
+
+/**
+ * Chunks in flight: enough for three 1 MiB source reads (the engine reads small chunks in 1 MiB
+ * stripes) plus the chunks the encoder workers are compressing, at least 16.
+ */
+export function defaultWriteConcurrency(chunkSize: number): number {
+  return Math.max(16, Math.ceil((3 * 1024 * 1024) / chunkSize));
+}
 
 export function checkChunkSize(chunkSize: number): void {
   if (!Number.isSafeInteger(chunkSize) || chunkSize < MIN_CHUNK_SIZE || chunkSize > MAX_CHUNK_SIZE || (chunkSize & (chunkSize - 1)) !== 0) {
@@ -270,7 +280,7 @@ export class WriteSession {
     };
 
     try {
-      await runBounded(chunkCount, options.concurrency ?? 8, processChunk);
+      await runBounded(chunkCount, options.concurrency ?? defaultWriteConcurrency(spec.chunkSize), processChunk);
       await sink.flush();
     } catch (err) {
       await sink.abort();
@@ -280,6 +290,7 @@ export class WriteSession {
     // new file's directory entry durable, before an index names them.
     await sink.recheckAdopted();
     await sink.syncDirectories();
+    await spec.beforePublish?.();
 
     // Publish the index: its id sorts after every existing one of this VM.
     const vmDir = repo.vmDir(spec.vm);

@@ -3,11 +3,19 @@ import { SourceError } from '../errors.js';
 
 /**
  * One file of a disk image (the image itself, an extent, a backing file), opened read-only.
- * Records size and mtime at open: every read first checks (fstat) that the file has not changed
- * since, so a backup never mixes two versions of a disk without noticing.
+ * Records size and mtime at open: reads check (fstat) that the file has not changed since, and the
+ * backup checks once more after its last read (`checkUnchangedNow`), so a backup never mixes two
+ * versions of a disk without noticing. Reads share one fstat per RECHECK_MS instead of one each
+ * (a 64 KiB-chunk backup of 1 GiB made 16,384 of them, one thread-pool round trip apiece).
  */
+/** Reads within this many ms of a check that found the file unchanged do not check again. */
+const RECHECK_MS = 50;
+
 export class ImageFile {
   private closed = false;
+  /** performance.now() of the last check that found the file unchanged. */
+  private checkedAt = -Infinity;
+  private checking: Promise<void> | null = null;
 
   private constructor(
     readonly path: string,
@@ -39,9 +47,23 @@ export class ImageFile {
     }
   }
 
-  /** Throws SourceError if the file's size or mtime differ from those recorded at open. */
+  /** Throws SourceError if the file changed since open (checked at most every RECHECK_MS). */
   async checkUnchanged(): Promise<void> {
     if (this.closed) throw new SourceError(this.path, 'read after close');
+    if (performance.now() - this.checkedAt < RECHECK_MS) return;
+    await this.checkUnchangedNow();
+  }
+
+  /** Throws SourceError if the file's size or mtime differ from those recorded at open (fstat now). */
+  checkUnchangedNow(): Promise<void> {
+    if (this.closed) return Promise.reject(new SourceError(this.path, 'read after close'));
+    this.checking ??= this.statAndCompare().finally(() => {
+      this.checking = null;
+    });
+    return this.checking;
+  }
+
+  private async statAndCompare(): Promise<void> {
     let size: number;
     let mtimeMs: number;
     try {
@@ -57,6 +79,7 @@ export class ImageFile {
     if (mtimeMs !== this.mtimeMs) {
       throw new SourceError(this.path, 'file changed during read: modification time changed');
     }
+    this.checkedAt = performance.now();
   }
 
   /**

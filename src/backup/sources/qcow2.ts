@@ -341,6 +341,11 @@ export class Qcow2Source implements DiskSource {
     return inflated.length === this.clusterSize ? inflated : inflated.subarray(0, this.clusterSize);
   }
 
+  async checkUnchanged(): Promise<void> {
+    await this.file.checkUnchangedNow();
+    await this.backing?.checkUnchanged?.();
+  }
+
   async zeroRanges(): Promise<ReadonlyArray<{ offset: number; length: number }>> {
     await this.file.checkUnchanged();
     const zero: ZeroRange[] = [];

@@ -29,6 +29,10 @@ export class RawSource implements DiskSource {
     return buffer;
   }
 
+  checkUnchanged(): Promise<void> {
+    return this.file.checkUnchangedNow();
+  }
+
   /** Holes cannot be found without SEEK_HOLE (not exposed by Node): nothing known. */
   async zeroRanges(): Promise<ReadonlyArray<{ offset: number; length: number }>> {
     return [];

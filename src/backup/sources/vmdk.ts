@@ -538,6 +538,12 @@ export class VmdkSource implements DiskSource {
     return source;
   }
 
+  async checkUnchanged(): Promise<void> {
+    await this.file.checkUnchangedNow();
+    for (const extent of this.extents) for (const extentFile of extent.files) if (extentFile !== this.file) await extentFile.checkUnchangedNow();
+    await this.parent?.checkUnchanged?.();
+  }
+
   async read(offset: number, length: number): Promise<Buffer> {
     checkReadRange(this.file.path, offset, length, this.size);
     const out = Buffer.alloc(length);
