@@ -7,7 +7,7 @@
  *   node node_modules/.cache/bench-backup.mjs [--size-mib 1024] [--chunk-sizes 64,256,1024,4096]
  *     [--no-restic] [--no-cold] [--random-reads 2000] [--json FILE] [--dir DIR]
  *     [--codecs deflate:1,brotli:2]  (default: deflate:1)
- *     [--unaligned-system-files]
+ *     [--unaligned-system-files] [--chunk-stores packs,files]  (default: packs)
  *
  * The image: 4 MiB regions, in a fixed pseudo-random order: 30% zero, 25% system files (bytes of
  * /usr/lib and /usr/bin, laid out as a filesystem does: each file from a 4 KiB block boundary, a
@@ -32,6 +32,7 @@ import { xorshift32 } from '../test/helpers/prng.js';
 import { RawSource } from '../src/backup/sources/raw.js';
 import { codecLevelProblem, DEFAULT_CODEC, DEFAULT_CODEC_LEVEL, type ChunkCodec } from '../src/backup/format.js';
 import { runBounded } from '../src/backup/writer.js';
+import { CHUNK_STORE_KINDS, DEFAULT_CHUNK_STORE, type ChunkStoreKind } from '../src/backup/repository.js';
 import type { DiskSource } from '../src/backup/types.js';
 
 process.env.UV_THREADPOOL_SIZE ??= '16';
@@ -49,10 +50,12 @@ interface Options {
   /** Codec:level pairs; one row per chunk size and pair. */
   codecs: Array<{ codec: ChunkCodec; level: number }>;
   unalignedSystemFiles: boolean;
+  /** Chunk stores of the repositories; one row per chunk size, codec and store. */
+  chunkStores: ChunkStoreKind[];
 }
 
 function parseOptions(argv: string[]): Options {
-  const o: Options = { sizeMib: 1024, chunkSizes: [64, 256, 1024, 4096], restic: true, cold: true, randomReads: 2000, json: null, dir: null, codecs: [{ codec: DEFAULT_CODEC, level: DEFAULT_CODEC_LEVEL[DEFAULT_CODEC] }], unalignedSystemFiles: false };
+  const o: Options = { sizeMib: 1024, chunkSizes: [64, 256, 1024, 4096], restic: true, cold: true, randomReads: 2000, json: null, dir: null, codecs: [{ codec: DEFAULT_CODEC, level: DEFAULT_CODEC_LEVEL[DEFAULT_CODEC] }], unalignedSystemFiles: false, chunkStores: [DEFAULT_CHUNK_STORE] };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const next = (): string => {
@@ -80,6 +83,10 @@ function parseOptions(argv: string[]): Options {
         });
     }
     else if (a === '--unaligned-system-files') o.unalignedSystemFiles = true;
+    else if (a === '--chunk-stores') {
+      o.chunkStores = next().split(',') as ChunkStoreKind[];
+      for (const k of o.chunkStores) if (!CHUNK_STORE_KINDS.includes(k)) throw new Error(`unknown chunk store ${k}`);
+    }
     else throw new Error(`unknown option ${a}`);
   }
   return o;
@@ -302,13 +309,13 @@ async function main(): Promise<void> {
     const size = (await fsp.stat(image)).size;
     const canDrop = o.cold && (await dropCaches());
 
-    for (const kib of o.chunkSizes) for (const { codec, level } of o.codecs) {
+    for (const kib of o.chunkSizes) for (const { codec, level } of o.codecs) for (const chunkStore of o.chunkStores) {
       const codecOptions = { codec, compressionLevel: level };
       await exec('cp', ['--sparse=always', pristine, image]);
       const repo = join(base, `repo-${kib}k`);
-      process.stderr.write(`bootrestore ${kib} KiB ${codec}-${level}: full backup ...\n`);
+      process.stderr.write(`bootrestore ${kib} KiB ${codec}-${level} ${chunkStore}: full backup ...\n`);
       let source: DiskSource = await RawSource.open(image);
-      const full = await backupSource(repo, source, { vm: 'bench', chunkSize: kib * 1024, ...codecOptions });
+      const full = await backupSource(repo, source, { vm: 'bench', chunkSize: kib * 1024, chunkStore, ...codecOptions });
       await source.close();
       const fullStored = await duBytes(repo);
       const fullApparent = await duBytes(repo, true);
@@ -324,7 +331,7 @@ async function main(): Promise<void> {
       process.stderr.write(`bootrestore ${kib} KiB: reads ...\n`);
       const row: Row = {
         tool: 'bootrestore',
-        chunk: `${kib} KiB ${codec}-${level}`,
+        chunk: `${kib} KiB ${codec}-${level} ${chunkStore}`,
         fullMBps: size / full.stats.seconds / 1e6,
         fullStoredMiB: fullStored / MiB,
         fullApparentMiB: fullApparent / MiB,
@@ -384,7 +391,7 @@ async function main(): Promise<void> {
     }
 
     const fmt = (v: number | undefined, d = 0): string => (v === undefined ? '-' : v.toFixed(d));
-    const header = ['tool', 'chunk', 'full MB/s', 'full stored MiB', 'full apparent MiB', 'inc MB/s', 'inc stored MiB', 'cbt s', 'files', 'dedup', 'seq cold MB/s', 'seq warm MB/s', 'rand4k cold IOPS', 'rand4k warm IOPS', 'repo bytes per 4k read'];
+    const header = ['tool', 'chunk', 'full MB/s', 'full stored MiB', 'full apparent MiB', 'inc MB/s', 'inc stored MiB', 'cbt s', 'new chunks', 'dedup', 'seq cold MB/s', 'seq warm MB/s', 'rand4k cold IOPS', 'rand4k warm IOPS', 'repo bytes per 4k read'];
     const table = [header];
     for (const r of rows) {
       table.push([

@@ -3,14 +3,10 @@
  * Layouts are documented in docs/repository-format.md; all integers are little-endian.
  */
 import { createHash } from 'node:crypto';
-import { brotliDecompress, crc32, inflateRaw, constants as zlibConstants } from 'node:zlib';
-import { promisify } from 'node:util';
-import { chunkEncoderPool } from './encoder-pool.js';
+import { ChunkDecodeFailure, chunkWorkers, type DecodeRequest } from './chunk-workers.js';
 import { CorruptChunkError, RepositoryError } from './errors.js';
 import type { RestorePointInfo } from './types.js';
 
-const inflateRawAsync = promisify(inflateRaw);
-const brotliDecompressAsync = promisify(brotliDecompress);
 
 // ---------------------------------------------------------------------------------------------
 // Chunk files
@@ -101,7 +97,7 @@ export interface EncodeOptions {
 /**
  * Build a chunk file: 24-byte header (magic, version, compression, uncompressed length, stored
  * length, CRC32 of the stored payload) followed by the payload. Compression runs on the encoder
- * pool's worker threads (src/backup/encoder-pool.ts), off the event loop.
+ * pool's worker threads (src/backup/chunk-workers.ts), off the event loop.
  */
 export async function encodeChunk(data: Buffer, options: EncodeOptions = {}): Promise<EncodedChunk> {
   const parts = await encodeChunkParts(data, options);
@@ -117,7 +113,7 @@ export async function encodeChunk(data: Buffer, options: EncodeOptions = {}): Pr
  */
 export async function encodeChunkParts(data: Buffer, options: EncodeOptions = {}): Promise<EncodedChunkParts> {
   const codec = options.codec ?? DEFAULT_CODEC;
-  const encoded = await chunkEncoderPool().encode(data, {
+  const encoded = await chunkWorkers().encode(data, {
     compress: options.compress ?? true,
     codec,
     level: options.level ?? DEFAULT_CODEC_LEVEL[codec],
@@ -138,11 +134,10 @@ export async function encodeChunkParts(data: Buffer, options: EncodeOptions = {}
 }
 
 /**
- * Parse and verify a chunk file: header, CRC32 of the payload, inflate (async), length, then
- * SHA-256 against `digest`. Any mismatch throws CorruptChunkError: never wrong data.
- * `checkCrc: false` skips the CRC32 (the serving path): the SHA-256 of the content already catches any
- * corrupt payload, and zlib's CRC32 costs ~2.5 s of event-loop time per GiB here, the largest single
- * cost of a cold read. `verify` keeps it, to report a damaged payload as such.
+ * Parse and verify a chunk file held in memory: header, CRC32 of the payload (unless `checkCrc` is
+ * false), decompression, length, then SHA-256 against `digest`, on a chunk worker
+ * (src/backup/chunk-workers.ts, the one decoder; readers use `decodeStoredChunk` to let the worker
+ * read the file too). Any mismatch throws CorruptChunkError: never wrong data.
  */
 export async function decodeChunk(
   file: Buffer,
@@ -151,48 +146,17 @@ export async function decodeChunk(
   path?: string,
   checkCrc = true,
 ): Promise<Buffer> {
-  const hex = digest.toString('hex');
-  const fail = (reason: string): CorruptChunkError => new CorruptChunkError(hex, reason, path);
-  if (file.length < CHUNK_HEADER_SIZE) throw fail(`file is ${file.length} bytes, shorter than the header`);
-  if (file.readUInt32LE(0) !== CHUNK_MAGIC) throw fail('bad magic');
-  const version = file.readUInt8(4);
-  if (version !== CHUNK_FORMAT_VERSION) throw fail(`unsupported chunk format version ${version}`);
-  const compression = file.readUInt8(5);
-  const uncompressedLength = file.readUInt32LE(8);
-  const storedLength = file.readUInt32LE(12);
-  const storedCrc = file.readUInt32LE(16);
-  if (uncompressedLength !== expectedLength) {
-    throw fail(`header says ${uncompressedLength} bytes, the index expects ${expectedLength}`);
+  return decodeStoredChunk({ from: { kind: 'bytes', bytes: file }, digest, expectedLength, checkCrc }, path);
+}
+
+/** Decode a chunk from memory, a chunk file or a pack record; a failure is a CorruptChunkError naming `path`. */
+export async function decodeStoredChunk(request: DecodeRequest, path?: string): Promise<Buffer> {
+  try {
+    return await chunkWorkers().decode(request);
+  } catch (err) {
+    if (err instanceof ChunkDecodeFailure) throw new CorruptChunkError(request.digest.toString('hex'), err.reason, path);
+    throw err;
   }
-  if (storedLength !== file.length - CHUNK_HEADER_SIZE) {
-    throw fail(`payload is ${file.length - CHUNK_HEADER_SIZE} bytes, header says ${storedLength}`);
-  }
-  const payload = file.subarray(CHUNK_HEADER_SIZE);
-  if (checkCrc && crc32(payload) !== storedCrc) throw fail('CRC32 mismatch');
-  let data: Buffer;
-  if (compression === ChunkCompression.None) {
-    if (storedLength !== uncompressedLength) throw fail('stored length differs from length of an uncompressed chunk');
-    data = payload;
-  } else if (compression === ChunkCompression.Deflate || compression === ChunkCompression.Brotli) {
-    const brotli = compression === ChunkCompression.Brotli;
-    // Output buffer of the expected size: one thread-pool round trip instead of one per 16 KiB;
-    // + 64: room to see the end of the stream without another round trip. maxOutputLength bounds a
-    // corrupt stream's output.
-    const limits = {
-      maxOutputLength: Math.max(1, uncompressedLength),
-      chunkSize: Math.max(zlibConstants.Z_MIN_CHUNK, uncompressedLength + 64),
-    };
-    try {
-      data = brotli ? await brotliDecompressAsync(payload, limits) : await inflateRawAsync(payload, limits);
-    } catch (err) {
-      throw fail(`${brotli ? 'brotli decompression' : 'inflate'} failed: ${err instanceof Error ? err.message : String(err)}`);
-    }
-    if (data.length !== uncompressedLength) throw fail(`decompressed to ${data.length} bytes, expected ${uncompressedLength}`);
-  } else {
-    throw fail(`unknown compression kind ${compression}`);
-  }
-  if (!sha256(data).equals(digest)) throw fail('SHA-256 of the content does not match its name');
-  return data;
 }
 
 // ---------------------------------------------------------------------------------------------

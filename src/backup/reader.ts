@@ -2,95 +2,76 @@
  * Read access to restore points. Opens files read-only and never writes to the repository:
  * several readers may run beside a backup, prune or gc.
  */
-import { promises as fsp } from 'node:fs';
 import { CorruptChunkError, RepositoryError } from './errors.js';
-import { CHUNK_HEADER_SIZE, DIGEST_LENGTH, MAX_CHUNK_SIZE, decodeChunk, isZeroDigest, type RestorePointIndex } from './format.js';
+import { ChunkDecodeFailure, chunkWorkers, type DecodeRequest } from './chunk-workers.js';
+import { CHUNK_HEADER_SIZE, DIGEST_LENGTH, MAX_CHUNK_SIZE, decodeStoredChunk, isZeroDigest, type RestorePointIndex } from './format.js';
 import type { ChunkLocation } from './packs.js';
-import { Repository, errnoCode } from './repository.js';
+import { Repository } from './repository.js';
 import type { RestorePointInfo, RestorePointReader } from './types.js';
 import { countZeroDigests, runBounded } from './writer.js';
 
 /**
  * Read and verify one chunk (its file, or its record in a pack: the same bytes) — CRC32, inflate,
- * SHA-256: CorruptChunkError on any problem.
+ * SHA-256: CorruptChunkError on any problem. The read and all checks run on a chunk worker
+ * (src/backup/chunk-workers.ts); the event loop only looks the chunk up.
  *
- * A valid chunk file is at most header + `length` bytes (a payload is stored deflated only if that
- * is smaller), so one read into a buffer of that size + 1 gets all of it without the fstat and
- * read loop of readFile; the extra byte detects a file longer than any valid one.
+ * A valid chunk file is at most header + `length` bytes (a payload is stored compressed only if that
+ * is smaller), so one read of that size + 1 gets all of it; the extra byte detects a file longer
+ * than any valid one. A pack record is read at its offset and length from the pack's trailer.
  *
- * `into` (optional, at least `chunkFileBufferSize(length)` bytes) is used instead of a new buffer, so
- * a cache can recycle the memory of evicted chunks; the result of an uncompressed chunk is then a
- * view of `into`, that of a deflated chunk a new buffer (`into` is scratch and free again).
+ * `into` (optional, at least `length` bytes) receives the content and the result is a view of it,
+ * so a cache can recycle the memory of evicted chunks. The worker writes into it directly when it
+ * is shared memory (a SharedArrayBuffer), else the content is copied into it.
  */
 export async function readChunk(repo: Repository, digest: Buffer, length: number, into?: Buffer, checkCrc = true): Promise<Buffer> {
   if (!Number.isSafeInteger(length) || length < 0 || length > MAX_CHUNK_SIZE) {
     throw new RepositoryError(`chunk length ${length} is out of range (0..${MAX_CHUNK_SIZE})`);
   }
-  const hex = digest.toString('hex');
-  const { file, path } = repo.chunkStore === 'packs' ? await readPackedRecord(repo, hex, length, into) : await readChunkFile(repo, hex, length, into);
-  return decodeChunk(file, digest, length, path, checkCrc);
-}
-
-/** The file of a chunk ("files" store). */
-async function readChunkFile(repo: Repository, hex: string, length: number, into?: Buffer): Promise<{ file: Buffer; path: string }> {
-  const path = repo.chunkPath(hex);
-  try {
-    const handle = await fsp.open(path, 'r');
-    try {
-      const size = chunkFileBufferSize(length);
-      const buffer = into !== undefined && into.length >= size ? into.subarray(0, size) : Buffer.allocUnsafe(size);
-      let filled = 0;
-      // A regular file returns everything in one read; loop only for short reads.
-      for (;;) {
-        const { bytesRead } = await handle.read(buffer, filled, buffer.length - filled, filled);
-        if (bytesRead === 0) break;
-        filled += bytesRead;
-        if (filled === buffer.length) break;
-      }
-      if (filled === buffer.length) {
-        throw new CorruptChunkError(hex, `file is longer than a chunk of ${length} bytes can be`, path);
-      }
-      return { file: buffer.subarray(0, filled), path };
-    } finally {
-      await handle.close();
-    }
-  } catch (err) {
-    if (err instanceof CorruptChunkError) throw err;
-    const reason = errnoCode(err) === 'ENOENT' ? 'chunk file is missing' : `cannot read: ${err instanceof Error ? err.message : String(err)}`;
-    throw new CorruptChunkError(hex, reason, path);
+  const request = { digest, expectedLength: length, checkCrc, ...(into !== undefined ? { into } : {}) };
+  if (repo.chunkStore === 'files') {
+    const path = repo.chunkPath(digest.toString('hex'));
+    return decodeStoredChunk({ ...request, from: { kind: 'file', path } }, path);
   }
+  return readPackedChunk(repo, request);
 }
 
-/** A chunk's record in its pack ("packs" store): one pread through the store's pooled handles. */
-async function readPackedRecord(repo: Repository, hex: string, length: number, into?: Buffer): Promise<{ file: Buffer; path: string }> {
+/** A chunk's record in its pack ("packs" store); a pack gone since the scan (gc) means one rescan. */
+async function readPackedChunk(repo: Repository, request: Omit<DecodeRequest, 'from'>): Promise<Buffer> {
+  const hex = request.digest.toString('hex');
   const store = repo.packs;
-  let location;
-  try {
-    location = await store.locate(hex);
-  } catch (err) {
-    throw new CorruptChunkError(hex, `cannot read the pack index: ${err instanceof Error ? err.message : String(err)}`, store.dir);
+  for (let attempt = 0; ; attempt++) {
+    let location: ChunkLocation | undefined;
+    try {
+      location = await store.locate(hex);
+    } catch (err) {
+      throw new CorruptChunkError(hex, `cannot read the pack index: ${err instanceof Error ? err.message : String(err)}`, store.dir);
+    }
+    if (location === undefined) throw new CorruptChunkError(hex, 'chunk is missing (no pack holds it)', store.dir);
+    const path = packRecordPath(repo, location);
+    if (location.length > CHUNK_HEADER_SIZE + request.expectedLength) {
+      throw new CorruptChunkError(hex, `record of ${location.length} bytes is longer than a chunk of ${request.expectedLength} bytes can be`, path);
+    }
+    try {
+      return await chunkWorkers().decode({ ...request, from: { kind: 'record', path: store.packPath(location.pack), offset: location.offset, length: location.length } });
+    } catch (err) {
+      if (!(err instanceof ChunkDecodeFailure)) throw err;
+      if (err.code === 'ENOENT' && attempt === 0) {
+        store.forgetPack(location.pack);
+        continue;
+      }
+      throw new CorruptChunkError(hex, err.reason, path);
+    }
   }
-  if (location === undefined) throw new CorruptChunkError(hex, 'chunk is missing (no pack holds it)', store.dir);
-  if (location.length > CHUNK_HEADER_SIZE + length) {
-    throw new CorruptChunkError(hex, `record of ${location.length} bytes is longer than a chunk of ${length} bytes can be`, packRecordPath(repo, location));
-  }
-  try {
-    const { record, location: at } = await store.readRecord(hex, location, into);
-    return { file: record, path: packRecordPath(repo, at) };
-  } catch (err) {
-    const reason = errnoCode(err) === 'ENOENT' ? 'pack file is missing' : `cannot read: ${err instanceof Error ? err.message : String(err)}`;
-    throw new CorruptChunkError(hex, reason, packRecordPath(repo, location));
-  }
-}
-
-/** "…/packs/ab/ab….pack@OFFSET": where verify and logs say a packed chunk is. */
-export function packRecordPath(repo: Repository, location: ChunkLocation): string {
-  return `${repo.packs.packPath(location.pack)}@${location.offset}`;
 }
 
 /** Bytes `readChunk` needs to read the file of a chunk of `length` bytes (header + payload + 1). */
 export function chunkFileBufferSize(length: number): number {
   return CHUNK_HEADER_SIZE + length + 1;
+}
+
+/** "…/packs/ab/ab….pack@OFFSET": where verify and logs say a packed chunk is. */
+export function packRecordPath(repo: Repository, location: ChunkLocation): string {
+  return `${repo.packs.packPath(location.pack)}@${location.offset}`;
 }
 
 export function infoOf(index: RestorePointIndex): RestorePointInfo {

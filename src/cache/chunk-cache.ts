@@ -305,7 +305,11 @@ export class ChunkCache {
     }
   }
 
-  /** A buffer of exactly `bytes` bytes: a recycled one if free, else a new one (not from Node's pool). */
+  /**
+   * A buffer of exactly `bytes` bytes: a recycled one if free, else a new one of shared memory, so
+   * that the chunk worker that decodes the chunk writes it there directly (src/backup/chunk-workers.ts):
+   * no copy, and the first-touch page faults of new memory happen on the worker's CPU.
+   */
   private takeBuffer(bytes: number): Buffer {
     const free = this.freeBuffers.get(bytes);
     const recycled = free?.pop();
@@ -313,7 +317,7 @@ export class ChunkCache {
       this.recycledBuffers++;
       return recycled;
     }
-    return Buffer.allocUnsafeSlow(bytes);
+    return Buffer.from(new SharedArrayBuffer(bytes));
   }
 
   private putFree(buffer: Buffer): void {
