@@ -11,6 +11,7 @@ import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { spawn } from 'node:child_process';
 import { openRestorePoint } from '../../src/backup/reader.js';
 import { buildBackupCli, runCli } from '../helpers/backup-cli.js';
+import { corruptChunk, listChunkRecords, listStoredChunks, readChunkRecord } from '../helpers/chunk-store.js';
 
 const exec = promisify(execFile);
 const MiB = 1024 * 1024;
@@ -54,11 +55,10 @@ async function writeRandom(image: string, offset: number, length: number): Promi
   }
 }
 
-async function countChunkFiles(repo: string): Promise<number> {
-  let n = 0;
-  const prefixes = await fsp.readdir(join(repo, 'chunks')).catch(() => [] as string[]);
-  for (const p of prefixes) n += (await fsp.readdir(join(repo, 'chunks', p))).filter((f) => /^[0-9a-f]{64}$/.test(f)).length;
-  return n;
+/** Chunks stored in the repository (chunk files or records in packs); 0 before it exists. */
+async function countStoredChunks(repo: string): Promise<number> {
+  const exists = await fsp.stat(join(repo, 'repo.json')).then(() => true, () => false);
+  return exists ? (await listStoredChunks(repo)).length : 0;
 }
 
 interface BackupJson {
@@ -103,7 +103,7 @@ describe('bootrestore backup / export / verify / list with qemu-img images', () 
     expect(inc.mode).toBe('incremental');
     expect(inc.parent).toBe(full.id);
     expect(inc.newChunks).toBe(5);
-    expect(await countChunkFiles(repo)).toBe(47 + 5);
+    expect(await countStoredChunks(repo)).toBe(47 + 5);
     const copy2 = join(dir, 'disk.p2.raw');
     await exec('cp', ['--sparse=always', disk, copy2]);
 
@@ -115,7 +115,7 @@ describe('bootrestore backup / export / verify / list with qemu-img images', () 
     expect(cb.mode).toBe('changed-blocks');
     // 7M: one random chunk changed; 33M: a zero chunk becomes data; 60M..61M: four zero chunks become one 0x09 pattern chunk.
     expect(cb.newChunks).toBe(3);
-    expect(await countChunkFiles(repo)).toBe(47 + 5 + 3);
+    expect(await countStoredChunks(repo)).toBe(47 + 5 + 3);
 
     for (const [id, expected] of [[full.id, copy1], [inc.id, copy2], [cb.id, disk]] as const) {
       const out = join(dir, `export-${id}.raw`);
@@ -170,7 +170,7 @@ describe('bootrestore backup / export / verify / list with qemu-img images', () 
     expect(r.chunks).toBe(128);
     expect(r.newChunks).toBe(4);
     expect(r.dedupChunks).toBe(124);
-    expect(await countChunkFiles(repo)).toBe(4);
+    expect(await countStoredChunks(repo)).toBe(4);
     const out = join(dir, 'repeat.out');
     expect((await runCli(cli, ['export', '--repo', repo, '--vm', 'rep', out])).code).toBe(0);
     expect(await sameImage(out, disk)).toBe(true);
@@ -198,12 +198,10 @@ describe('bootrestore backup / export / verify / list with qemu-img images', () 
       await backup(disk, repo, 'c', ...extra);
       let bytes = 0;
       const kinds = new Set<number>();
-      for (const prefix of await fsp.readdir(join(repo, 'chunks'))) {
-        for (const f of await fsp.readdir(join(repo, 'chunks', prefix))) {
-          const file = await fsp.readFile(join(repo, 'chunks', prefix, f));
-          bytes += file.length;
-          kinds.add(file[5]!); // compression kind in the chunk header
-        }
+      for (const location of await listChunkRecords(repo)) {
+        const record = await readChunkRecord(location);
+        bytes += record.length;
+        kinds.add(record[5]!); // compression kind in the chunk header
       }
       // Text chunks carry the codec's kind; random chunks are stored as they are (kind 0).
       expect([...kinds].sort()).toEqual(kind === 0 ? [0] : [0, kind]);
@@ -229,23 +227,27 @@ describe('bootrestore backup / export / verify / list with qemu-img images', () 
     }
   });
 
-  it('verify names a corrupted chunk and the restore points it breaks (exit 1); the reader refuses it', async () => {
-    const repo = join(dir, 'repo-corrupt');
+  it.each([
+    ['packs', []],
+    ['files', ['--chunk-store', 'files']],
+  ] as const)('verify names a corrupted chunk (%s store) and the restore points it breaks (exit 1); the reader refuses it', async (store, storeArgs) => {
+    const repo = join(dir, `repo-corrupt-${store}`);
     const disk = join(dir, 'corrupt.raw');
     await exec('qemu-img', ['create', '-q', '-f', 'raw', disk, '16M']);
     await writeRandom(disk, 0, 16 * MiB);
-    const p1 = await backup(disk, repo, 'c1');
+    const p1 = await backup(disk, repo, 'c1', ...storeArgs);
+    expect((JSON.parse(await fsp.readFile(join(repo, 'repo.json'), 'utf8')) as { chunkStore: string }).chunkStore).toBe(store);
     await qemuIo(disk, 'write -P 0x42 12M 4k');
     const p2 = await backup(disk, repo, 'c1');
     expect((await runCli(cli, ['verify', '--repo', repo])).code).toBe(0);
 
     const reader = await openRestorePoint(repo, 'c1', p1.id);
     const digest = reader.chunkDigest(3)!.toString('hex');
-    const path = join(repo, 'chunks', digest.slice(0, 2), digest);
-    const original = await fsp.readFile(path);
-    const damaged = Buffer.from(original);
-    damaged[1000]! ^= 0x20;
-    await fsp.writeFile(path, damaged);
+    const damaged = await corruptChunk(repo, digest, 1000, 0x20);
+    const path = damaged.reportedPath;
+    expect(path).toMatch(
+      store === 'packs' ? /\/packs\/[0-9a-f]{2}\/[0-9a-f]{32}\.pack@\d+$/ : new RegExp(`/chunks/${digest.slice(0, 2)}/${digest}$`),
+    );
 
     const v = await runCli(cli, ['verify', '--repo', repo]);
     expect(v.code).toBe(1);
@@ -259,7 +261,7 @@ describe('bootrestore backup / export / verify / list with qemu-img images', () 
     expect(ex.stderr).toContain(digest);
     await expect(fsp.stat(join(dir, 'corrupt.out'))).rejects.toThrow(/ENOENT/); // no half-written image left
 
-    await fsp.writeFile(path, original);
+    await damaged.restore();
     expect((await runCli(cli, ['verify', '--repo', repo])).code).toBe(0);
     await reader.close();
   });
@@ -272,7 +274,7 @@ describe('bootrestore backup / export / verify / list with qemu-img images', () 
     const p1 = await backup(disk, repo, 'crash');
     const copy1 = join(dir, 'crash.p1.raw');
     await exec('cp', ['--sparse=always', disk, copy1]);
-    const before = await countChunkFiles(repo);
+    const before = await countStoredChunks(repo);
 
     for (let off = 0; off < 256 * MiB; off += 64 * MiB) await writeRandom(disk, off, 64 * MiB);
     const child = spawn(process.execPath, [cli, 'backup', disk, '--repo', repo, '--vm', 'crash'], { stdio: 'ignore' });
@@ -280,7 +282,7 @@ describe('bootrestore backup / export / verify / list with qemu-img images', () 
     try {
       const deadline = Date.now() + 60_000;
       while (Date.now() < deadline && child.exitCode === null) {
-        const n = (await countChunkFiles(repo)) - before;
+        const n = (await countStoredChunks(repo)) - before;
         if (n >= 100) {
           child.kill('SIGKILL');
           killedAt = n;
@@ -294,7 +296,7 @@ describe('bootrestore backup / export / verify / list with qemu-img images', () 
     }
     expect(killedAt).toBeGreaterThanOrEqual(100);
     expect(child.signalCode).toBe('SIGKILL');
-    expect(await countChunkFiles(repo)).toBeLessThan(before + 1024); // it was really mid-way
+    expect(await countStoredChunks(repo)).toBeLessThan(before + 1024); // it was really mid-way
 
     const v = await runCli(cli, ['verify', '--repo', repo]);
     expect(v.code).toBe(0);

@@ -5,7 +5,7 @@
  * chunks as holes (GET LBA STATUS); the delta survives closing and reopening the mount; a chunk
  * damaged in the repository fails only the reads that need it; iscsi-perf reads through the cache.
  */
-import { readFile, writeFile } from 'node:fs/promises';
+import { readFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { openRestorePoint } from '../../src/backup/reader.js';
@@ -16,6 +16,7 @@ import { ChunkCache } from '../../src/cache/chunk-cache.js';
 import { IscsiServer } from '../../src/iscsi/server.js';
 import { ScsiTarget } from '../../src/iscsi/scsi/target.js';
 import { silentLogger } from '../../src/log.js';
+import { corruptChunk } from '../helpers/chunk-store.js';
 import { runChecked, runCommand } from '../helpers/exec.js';
 import { patternBytes } from '../helpers/fake-restore-point.js';
 import { runIscsiPerf } from '../helpers/libiscsi.js';
@@ -169,15 +170,12 @@ describe('backup LUN (cache + delta) with real clients', () => {
   });
 
   it('a chunk damaged in the repository fails only the reads that need it (medium error)', async () => {
-    const repo = await Repository.open(repoDir);
+    expect((await Repository.open(repoDir)).chunkStore).toBe('packs'); // the default store
     const reader = await openRestorePoint(repoDir, 'vm1', pointId);
     const victim = 150; // untouched by the writes above
-    const chunkFile = repo.chunkPath(reader.chunkDigest(victim)!.toString('hex'));
+    const digest = reader.chunkDigest(victim)!.toString('hex');
     await reader.close();
-    const original = await readFile(chunkFile);
-    const damaged = Buffer.from(original);
-    damaged[damaged.length - 1]! ^= 0xff;
-    await writeFile(chunkFile, damaged);
+    const damaged = await corruptChunk(repoDir, digest, undefined, 0xff);
     cache.clear();
     try {
       const bad = await runCommand('qemu-io', ['-f', 'raw', '-c', `read ${victim * CHUNK} 4096`, url], { timeoutMs: 60_000 });
@@ -187,7 +185,7 @@ describe('backup LUN (cache + delta) with real clients', () => {
       expect(`${good.stdout}${good.stderr}`).not.toMatch(/failed|error/i);
       expect(device!.metrics.readErrors).toBeGreaterThanOrEqual(1);
     } finally {
-      await writeFile(chunkFile, original);
+      await damaged.restore();
     }
   });
 });

@@ -2,6 +2,8 @@
  * The backup and reader fast paths (bench/backup.ts measures them): the prefix-directory listing
  * that skips adoption probes in a fresh repository, header+payload writev, deflate levels, and the
  * reader's single right-sized read. Each test checks the behaviour the fast path must keep.
+ * The prefix-directory and chunk-file tests are about the "files" chunk store (one file per chunk):
+ * their repositories are created with `chunkStore: 'files'` (new repositories default to packs).
  */
 import { promises as fsp } from 'node:fs';
 import { tmpdir } from 'node:os';
@@ -39,6 +41,7 @@ function image(): Buffer {
   return img;
 }
 
+/** Every chunk file of a "files" repository, sorted. */
 async function chunkFiles(repoDir: string): Promise<string[]> {
   const out: string[] = [];
   for (const prefix of await fsp.readdir(join(repoDir, 'chunks'))) {
@@ -46,6 +49,9 @@ async function chunkFiles(repoDir: string): Promise<string[]> {
   }
   return out.sort();
 }
+
+/** The "files" store: these tests are about one file per chunk. */
+const FILES = { chunkStore: 'files' } as const;
 
 async function readAll(vm: string): Promise<Buffer> {
   const reader = await openRestorePoint(repo, vm, 'latest');
@@ -59,7 +65,8 @@ async function readAll(vm: string): Promise<Buffer> {
 describe('writer fast paths', () => {
   it('a second VM with the same content adopts every existing chunk (mtime bumped) and writes none', async () => {
     const img = image();
-    const first = await backupSource(repo, new BufferSource(img, 'a'), { vm: 'a', chunkSize: CHUNK, logger: silentLogger() });
+    const first = await backupSource(repo, new BufferSource(img, 'a'), { vm: 'a', chunkSize: CHUNK, ...FILES, logger: silentLogger() });
+    expect((await Repository.open(repo)).chunkStore).toBe('files');
     // 4 random + 4 text + tail; chunks 10 and 11 repeat chunk 0.
     expect(first.stats.newChunks).toBe(9);
     expect(first.stats.dedupChunks).toBe(2);
@@ -78,7 +85,7 @@ describe('writer fast paths', () => {
 
   it('a chunk file deleted from an existing prefix directory is written anew, and one in a new directory too', async () => {
     const img = image();
-    await backupSource(repo, new BufferSource(img, 'a'), { vm: 'a', chunkSize: CHUNK, logger: silentLogger() });
+    await backupSource(repo, new BufferSource(img, 'a'), { vm: 'a', chunkSize: CHUNK, ...FILES, logger: silentLogger() });
     const files = await chunkFiles(repo);
     // Remove one chunk file (its directory stays) and one whole prefix directory.
     await fsp.rm(files[0]!);
@@ -147,7 +154,7 @@ describe('chunk files written before the fast paths', () => {
 describe('reader fast path', () => {
   it('rejects a chunk file with trailing bytes, a truncated one, and an impossible length, never returning data', async () => {
     const img = image();
-    await backupSource(repo, new BufferSource(img), { vm: 'v', chunkSize: CHUNK, logger: silentLogger() });
+    await backupSource(repo, new BufferSource(img), { vm: 'v', chunkSize: CHUNK, ...FILES, logger: silentLogger() });
     const reader = await openRestorePoint(repo, 'v', 'latest');
     try {
       const r = await Repository.open(repo);

@@ -3,7 +3,7 @@
  * takes writes into its delta, `commitSpecFor` turns base + delta into a new restore point that
  * reuses every untouched chunk from the parent, and a chunk corrupted on disk fails only its reads.
  */
-import { readFile, writeFile, mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -13,6 +13,7 @@ import { writeRestorePoint } from '../../../src/backup/writer.js';
 import { commitSpecFor, openBackupDevice } from '../../../src/cache/backup-device.js';
 import { ChunkCache } from '../../../src/cache/chunk-cache.js';
 import { silentLogger } from '../../../src/log.js';
+import { corruptChunk } from '../../helpers/chunk-store.js';
 import { patternBytes, seededRandom } from '../../helpers/fake-restore-point.js';
 
 const KiB = 1024;
@@ -110,15 +111,11 @@ describe('BackupBlockDevice over the real repository', () => {
     await base.close();
   });
 
-  it('a chunk file damaged on disk fails the reads that need it with a medium error; others still work', async () => {
+  it('a chunk damaged on disk fails the reads that need it with a medium error; others still work', async () => {
     const reader = await openRestorePoint(repoDir, 'vm1', basePointId);
     const digest = reader.chunkDigest(2)!.toString('hex');
-    const repo = await Repository.open(repoDir);
-    const chunkFile = repo.chunkPath(digest);
-    const original = await readFile(chunkFile);
-    const damaged = Buffer.from(original);
-    damaged[damaged.length - 3]! ^= 0x55;
-    await writeFile(chunkFile, damaged);
+    expect((await Repository.open(repoDir)).chunkStore).toBe('packs'); // the default store
+    const damaged = await corruptChunk(repoDir, digest, undefined, 0x55);
     const device = await openBackupDevice({
       reader,
       cache: new ChunkCache({ maxBytes: 1024 * KiB, logger: silentLogger() }),
@@ -128,7 +125,7 @@ describe('BackupBlockDevice over the real repository', () => {
       logger: silentLogger(),
     });
     try {
-      // Chunk 2 has the same content as chunk 16 (pattern 4000 + 2): both share the damaged file.
+      // Chunk 2 has the same content as chunk 16 (pattern 4000 + 2): both share the damaged record.
       const blocksPerChunk = CHUNK / 512;
       const results = await Promise.allSettled([
         device.read(2 * blocksPerChunk, 8),
@@ -143,7 +140,7 @@ describe('BackupBlockDevice over the real repository', () => {
       expect((results[3] as PromiseFulfilledResult<Buffer>).value.equals(baseImage.subarray(3 * CHUNK, 4 * CHUNK))).toBe(true);
     } finally {
       await device.close();
-      await writeFile(chunkFile, original);
+      await damaged.restore();
     }
   });
 });
