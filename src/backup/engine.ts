@@ -118,7 +118,8 @@ export const STRIPE_BYTES = 1024 * 1024;
  * Reads a source in stripes of STRIPE_BYTES and hands out each chunk as a view of its stripe: one
  * read (one thread-pool round trip, ~60 µs of event-loop time on this paravirtual guest) per
  * stripe instead of one per chunk. Every chunk is asked for once, in roughly ascending order; a
- * stripe is forgotten when the last of its chunks has been handed out.
+ * stripe is forgotten when the last of its chunks has been handed out. Stripes that hold chunks the
+ * source reported as zero are not read whole (those chunks are never asked for).
  */
 class StripeReader {
   private readonly chunksPerStripe: number;
@@ -142,6 +143,8 @@ class StripeReader {
       const end = Math.min(this.chunkCount, first + this.chunksPerStripe);
       let remaining = 0;
       for (let i = first; i < end; i++) if (this.zeroChunks === null || this.zeroChunks[i] === 0) remaining++;
+      // A stripe with chunks the source says are zero (unallocated): read its other chunks alone.
+      if (remaining < end - first) return this.source.read(index * this.chunkSize, length);
       const offset = first * this.chunkSize;
       const bytes = Math.min(this.source.size, end * this.chunkSize) - offset;
       entry = { data: this.source.read(offset, bytes), remaining };

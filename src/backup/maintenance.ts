@@ -138,6 +138,7 @@ export async function collectGarbage(repoDir: string, options: GcOptions = {}): 
     logger.info(result, 'gc finished');
     return result;
   } finally {
+    await repo.close();
     await lock.release();
   }
 }
@@ -236,6 +237,8 @@ export interface PackSweep {
   readonly repackedPacks: number;
   /** Unreferenced chunks left in packs that are mostly referenced (below the repack threshold). */
   readonly keptUnreferenced: number;
+  /** Packs whose trailer cannot be read: left alone (`verify` names them). */
+  readonly unreadablePacks: number;
 }
 
 /** A pack is rewritten when at least this share of its bytes belongs to unreferenced chunks. */
@@ -341,6 +344,6 @@ async function sweepPacks(repo: Repository, referenced: ReadonlySet<string>, cut
     removedBytes,
     keptRecent,
     removedTempFiles,
-    packs: { packs: packs.length, removedPacks, repackedPacks, keptUnreferenced },
+    packs: { packs: packs.length, removedPacks, repackedPacks, keptUnreferenced, unreadablePacks: store.unreadablePacks.size },
   };
 }

@@ -151,9 +151,15 @@ export class PackStore {
     return join(this.dir, pack);
   }
 
-  /** Load every pack's entries (once; later calls wait for the first). */
+  /** Packs whose trailer could not be read at the last scan → why (their chunks count as missing). */
+  readonly unreadablePacks = new Map<string, string>();
+
+  /** Load every pack's entries (once; later calls wait for the first; a failed load is retried). */
   ensureLoaded(): Promise<void> {
-    this.loaded ??= this.refresh();
+    this.loaded ??= this.refresh().catch((err: unknown) => {
+      this.loaded = null;
+      throw err;
+    });
     return this.loaded;
   }
 
@@ -299,6 +305,7 @@ export class PackStore {
       }
     }
     for (const pack of [...this.packEntries.keys()]) if (!present.has(pack)) this.forgetPack(pack);
+    for (const pack of [...this.unreadablePacks.keys()]) if (!present.has(pack)) this.unreadablePacks.delete(pack);
     let next = 0;
     const loadOne = async (): Promise<void> => {
       while (next < toLoad.length) {
@@ -308,8 +315,13 @@ export class PackStore {
           entries = await readPackEntries(this.packPath(pack));
         } catch (err) {
           if (errnoCode(err) === 'ENOENT') continue; // removed meanwhile (gc)
-          throw err;
+          // One damaged pack must not take the others down: its chunks are missing (reads of them
+          // fail with MEDIUM ERROR, verify names the pack, a backup stores them anew); the next
+          // scan tries it again.
+          this.unreadablePacks.set(pack, err instanceof Error ? err.message : String(err));
+          continue;
         }
+        this.unreadablePacks.delete(pack);
         this.addPack(pack, entries);
       }
     };

@@ -46,7 +46,12 @@ async function readPackedChunk(repo: Repository, request: Omit<DecodeRequest, 'f
     } catch (err) {
       throw new CorruptChunkError(hex, `cannot read the pack index: ${err instanceof Error ? err.message : String(err)}`, store.dir);
     }
-    if (location === undefined) throw new CorruptChunkError(hex, 'chunk is missing (no pack holds it)', store.dir);
+    if (location === undefined) {
+      const unreadable = [...store.unreadablePacks.entries()].slice(0, 3).map(([, reason]) => reason);
+      const more = store.unreadablePacks.size > 3 ? `, and ${store.unreadablePacks.size - 3} more` : '';
+      const hint = unreadable.length === 0 ? '' : `; unreadable packs: ${unreadable.join('; ')}${more}`;
+      throw new CorruptChunkError(hex, `chunk is missing (no readable pack holds it)${hint}`, store.dir);
+    }
     const path = packRecordPath(repo, location);
     if (location.length > CHUNK_HEADER_SIZE + request.expectedLength) {
       throw new CorruptChunkError(hex, `record of ${location.length} bytes is longer than a chunk of ${request.expectedLength} bytes can be`, path);

@@ -24,6 +24,8 @@ export interface VerifyReport {
   readonly bytesChecked: number;
   readonly problems: ChunkProblem[];
   readonly brokenIndexes: BrokenIndex[];
+  /** Pack files whose trailer cannot be read (packs repositories): their chunks are unusable. */
+  readonly unreadablePacks: Array<{ readonly path: string; readonly reason: string }>;
   /** Restore points that cannot be read back in full ("vm/pointId"). */
   readonly brokenPoints: string[];
   readonly seconds: number;
@@ -90,6 +92,9 @@ export async function verifyRepository(repoDir: string, options: VerifyOptions =
     done++;
     options.onProgress?.(done, list.length);
   });
+  if (repo.chunkStore === 'packs') await repo.packs.ensureLoaded();
+  const unreadablePacks =
+    repo.chunkStore === 'packs' ? [...repo.packs.unreadablePacks.entries()].map(([pack, reason]) => ({ path: repo.packs.packPath(pack), reason })) : [];
   await repo.close();
   problems.sort((a, b) => a.digest.localeCompare(b.digest));
   const brokenPoints = new Set<string>();
@@ -101,6 +106,7 @@ export async function verifyRepository(repoDir: string, options: VerifyOptions =
     bytesChecked,
     problems,
     brokenIndexes,
+    unreadablePacks,
     brokenPoints: [...brokenPoints].sort(),
     seconds: (performance.now() - started) / 1000,
   };

@@ -30,7 +30,8 @@ export async function run(argv: string[]): Promise<number> {
       p === undefined
         ? ''
         : `; ${p.packs} packs: ${p.removedPacks} ${dryRun ? 'to delete' : 'deleted'}, ${p.repackedPacks} ${dryRun ? 'to rewrite' : 'rewritten'}, ` +
-          `${p.keptUnreferenced} unreferenced chunks left in mostly referenced packs`;
+          `${p.keptUnreferenced} unreferenced chunks left in mostly referenced packs` +
+          (p.unreadablePacks > 0 ? `, ${p.unreadablePacks} unreadable packs left alone (see verify)` : '');
     process.stdout.write(
       `gc: ${result.indexes} indexes reference ${result.referencedChunks} chunks; ${result.chunkFiles} chunks stored; ` +
         `${dryRun ? 'would remove' : 'removed'} ${result.removedChunks} (${formatBytes(result.removedBytes)}), kept ${result.keptRecent} recent ` +

@@ -29,18 +29,19 @@ export async function run(argv: string[]): Promise<number> {
   } finally {
     bar.finish();
   }
-  const ok = report.problems.length === 0 && report.brokenIndexes.length === 0;
+  const ok = report.problems.length === 0 && report.brokenIndexes.length === 0 && report.unreadablePacks.length === 0;
   if (args.booleans.has('json')) {
     printJson({ ok, ...report });
   } else {
     for (const b of report.brokenIndexes) process.stdout.write(`BAD INDEX ${b.vm}/${b.id}: ${b.reason}\n`);
+    for (const p of report.unreadablePacks) process.stdout.write(`BAD PACK ${p.path}: ${p.reason}\n`);
     for (const p of report.problems) {
       process.stdout.write(`BAD CHUNK ${p.digest} (${p.path}): ${p.reason}; breaks ${p.points.join(', ')}\n`);
     }
     if (report.brokenPoints.length > 0) process.stdout.write(`broken restore points: ${report.brokenPoints.join(', ')}\n`);
     process.stdout.write(
       `verify: ${report.pointsChecked} restore points, ${report.chunksChecked} chunks (${formatBytes(report.bytesChecked)} ok) in ` +
-        `${report.seconds.toFixed(1)} s: ${ok ? 'OK' : `${report.problems.length} bad chunks, ${report.brokenIndexes.length} bad indexes`}\n`,
+        `${report.seconds.toFixed(1)} s: ${ok ? 'OK' : `${report.problems.length} bad chunks, ${report.brokenIndexes.length} bad indexes, ${report.unreadablePacks.length} bad packs`}\n`,
     );
   }
   return ok ? 0 : 1;

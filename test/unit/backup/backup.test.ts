@@ -259,7 +259,7 @@ describe.each(['packs', 'files'] as const)('corruption (%s store)', (chunkStore)
     const fresh = await openRestorePoint(repo, 'vm1', p1.info.id);
     const gone = await fresh.loadChunk(4).catch((e: unknown) => e);
     expect(gone).toBeInstanceOf(CorruptChunkError);
-    expect((gone as CorruptChunkError).reason).toMatch(chunkStore === 'packs' ? /chunk is missing \(no pack holds it\)/ : /chunk file is missing/);
+    expect((gone as CorruptChunkError).reason).toMatch(chunkStore === 'packs' ? /chunk is missing \(no readable pack holds it\)/ : /chunk file is missing/);
     await fresh.close();
     const missing = (await verifyRepository(repo)).problems;
     expect(missing.map((p) => p.digest)).toContain(digest);
@@ -339,7 +339,7 @@ describe('repository errors, locks, prune and gc', () => {
     expect(gc.removedChunks).toBe(2);
     expect(gc.referencedChunks).toBe(8);
     // Packs (the default store): p1's pack lost 2 of its 8 chunks (25 % of its bytes), so it is rewritten.
-    expect(gc.packs).toEqual({ packs: 2, removedPacks: 0, repackedPacks: 1, keptUnreferenced: 0 });
+    expect(gc.packs).toEqual({ packs: 2, removedPacks: 0, repackedPacks: 1, keptUnreferenced: 0, unreadablePacks: 0 });
     expect((await listStoredChunks(repo)).length).toBe(8);
     expect((await verifyRepository(repo)).problems).toEqual([]);
     expect((await readAll('vm1', p2.info.id)).equals(b)).toBe(true);

@@ -181,15 +181,22 @@ describe('reader fast path', () => {
       }
       await expect(reader.loadChunkByDigest(reader.chunkDigest(0)!, MAX_CHUNK_SIZE + 1)).rejects.toThrow(RepositoryError);
       await expect(reader.loadChunkByDigest(reader.chunkDigest(0)!, -1)).rejects.toThrow(RepositoryError);
-      // A caller's buffer (the cache recycles evicted chunks' memory): an uncompressed chunk is a
-      // view of it, a deflated one a new buffer; one too small is not used.
+      // A caller's buffer (the cache recycles evicted chunks' memory): the content of an
+      // uncompressed and of a compressed chunk lands in it (copied from the worker's result for
+      // ordinary memory, written by the worker for shared memory); one too small is not used.
       const into = Buffer.alloc(chunkFileBufferSize(CHUNK), 0xee);
       const raw = await reader.loadChunkByDigest(reader.chunkDigest(0)!, CHUNK, into);
       expect(raw.buffer).toBe(into.buffer);
       expect(raw.equals(img.subarray(0, CHUNK))).toBe(true);
       const text = await reader.loadChunkByDigest(reader.chunkDigest(6)!, CHUNK, into);
-      expect(text.buffer).not.toBe(into.buffer);
+      expect(text.buffer).toBe(into.buffer);
       expect(text.equals(img.subarray(6 * CHUNK, 7 * CHUNK))).toBe(true);
+      const shared = Buffer.from(new SharedArrayBuffer(chunkFileBufferSize(CHUNK))).fill(0xee);
+      for (const index of [0, 6]) {
+        const got = await reader.loadChunkByDigest(reader.chunkDigest(index)!, CHUNK, shared);
+        expect(got.buffer).toBe(shared.buffer);
+        expect(got.equals(img.subarray(index * CHUNK, (index + 1) * CHUNK))).toBe(true);
+      }
       const small = Buffer.alloc(100);
       const own = await reader.loadChunkByDigest(reader.chunkDigest(1)!, CHUNK, small);
       expect(own.buffer).not.toBe(small.buffer);
