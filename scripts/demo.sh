@@ -25,7 +25,7 @@ trap cleanup EXIT
 step "1. installing dependencies and building"
 bash scripts/install-deps.sh
 npm run build --silent
-br() { node "$repo/dist/bootrestore.mjs" "$@"; }
+br() { "$repo/bin/bootrestore" "$@"; }
 
 step "2. building a bootable disk image from Debian packages"
 image_dir=$(bash scripts/build-boot-image.sh | tail -n 1)
@@ -53,7 +53,7 @@ cat > "$demo/bootrestore.json" << JSON
   ]
 }
 JSON
-node "$repo/dist/bootrestore.mjs" serve --config "$demo/bootrestore.json" 2> "$demo/server.log" &
+"$repo/bin/bootrestore" serve --config "$demo/bootrestore.json" 2> "$demo/server.log" &
 server_pid=$!
 for _ in $(seq 1 100); do
   grep -q '"msg":"listening"' "$demo/server.log" 2> /dev/null && break

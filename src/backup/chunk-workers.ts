@@ -193,9 +193,28 @@ function readStored(from, expected) {
   }
 }
 
+// An uncompressed record read straight into shared memory: header into a small buffer, payload
+// into the caller's buffer, one readv and no copy. Returns null when that does not apply.
+const headerBuf = Buffer.allocUnsafe(HEADER);
+function readUncompressedInto(job) {
+  const from = job.from;
+  if (from.kind !== 'record' || job.into === null || from.length !== HEADER + job.expected || job.into.byteLength < job.expected) return null;
+  const target = Buffer.from(job.into.buffer, job.into.byteOffset, job.expected);
+  let n;
+  try {
+    n = fs.readvSync(packFd(from.path), [headerBuf, target], from.offset);
+  } catch (err) {
+    return null; // the general path reads again and reports the error
+  }
+  if (n !== from.length || headerBuf.readUInt8(5) !== 0) return null;
+  return target;
+}
+
 function decode(job, transfer) {
   const expected = job.expected;
-  const file = readStored(job.from, expected);
+  const direct = readUncompressedInto(job);
+  const file = direct === null ? readStored(job.from, expected) : null;
+  if (direct !== null) return checkUncompressedInPlace(job, direct);
   if (file.length < HEADER) throw new Corrupt('file is ' + file.length + ' bytes, shorter than the header');
   if (file.readUInt32LE(0) !== MAGIC) throw new Corrupt('bad magic');
   const version = file.readUInt8(4);
@@ -235,6 +254,21 @@ function decode(job, transfer) {
   const out = exactCopy(data);
   transfer.push(out.buffer);
   return { data: out };
+}
+
+// The checks of decode() for an uncompressed record whose payload is already in place.
+function checkUncompressedInPlace(job, data) {
+  const h = headerBuf;
+  if (h.readUInt32LE(0) !== MAGIC) throw new Corrupt('bad magic');
+  if (h.readUInt8(4) !== VERSION) throw new Corrupt('unsupported chunk format version ' + h.readUInt8(4));
+  if (h.readUInt32LE(8) !== job.expected) throw new Corrupt('header says ' + h.readUInt32LE(8) + ' bytes, the index expects ' + job.expected);
+  if (h.readUInt32LE(12) !== job.expected) throw new Corrupt('payload is ' + job.expected + ' bytes, header says ' + h.readUInt32LE(12));
+  if (job.checkCrc && zlib.crc32(data) !== h.readUInt32LE(16)) throw new Corrupt('CRC32 mismatch');
+  const digest = createHash('sha256').update(data).digest();
+  if (!digest.equals(Buffer.from(job.digest.buffer, job.digest.byteOffset, job.digest.byteLength))) {
+    throw new Corrupt('SHA-256 of the content does not match its name');
+  }
+  return { shared: true };
 }
 
 parentPort.on('message', ({ jobs }) => {

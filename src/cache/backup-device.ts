@@ -25,7 +25,7 @@ import { UNIT_BASE, UNIT_PRESENT, UNIT_ZERO } from './unit-map.js';
 
 export const BLOCK_SIZE = 512;
 /** Default read-ahead: at most this many chunks … */
-const DEFAULT_READ_AHEAD_CHUNKS = 8;
+const DEFAULT_READ_AHEAD_CHUNKS = 16;
 /** … and at most this many bytes. */
 const DEFAULT_READ_AHEAD_BYTES = 8 * 1024 * 1024;
 /** GET LBA STATUS scans at most this many uniform segments (units/chunks) per call. */

@@ -120,7 +120,7 @@ export class ChunkCache {
   constructor(options: ChunkCacheOptions) {
     if (!(options.maxBytes > 0)) throw new RangeError(`chunk cache size must be > 0 (got ${options.maxBytes})`);
     this.maxBytes = options.maxBytes;
-    this.maxConcurrentLoads = Math.max(1, options.maxConcurrentLoads ?? 8);
+    this.maxConcurrentLoads = Math.max(1, options.maxConcurrentLoads ?? 16);
     this.logger = options.logger;
     this.maxFreeBuffers = this.maxConcurrentLoads + 2;
     this.lru = new LRUCache<string, CacheEntry>({

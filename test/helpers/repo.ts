@@ -3,17 +3,17 @@ import { createHash } from 'node:crypto';
 import { open, readFile, readdir, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { runChecked, runCommand, type CommandResult } from './exec.js';
-import { CLI } from './server.js';
+import { LAUNCHER } from './server.js';
 import { pseudoRandomBytes } from './buffer-source.js';
 
-/** Run `node dist/bootrestore.mjs ARGS`; throws with its output on a non-zero exit. */
+/** Run `bin/bootrestore ARGS`; throws with its output on a non-zero exit. */
 export function cli(args: readonly string[], timeoutMs = 300_000): Promise<CommandResult> {
-  return runChecked(process.execPath, [CLI, ...args], { timeoutMs });
+  return runChecked(LAUNCHER, args, { timeoutMs });
 }
 
 /** Run the CLI and return the result whatever the exit code. */
 export function cliResult(args: readonly string[], timeoutMs = 300_000): Promise<CommandResult> {
-  return runCommand(process.execPath, [CLI, ...args], { timeoutMs });
+  return runCommand(LAUNCHER, args, { timeoutMs });
 }
 
 export interface BackupSummary {

@@ -6,6 +6,8 @@ import { trackChild } from './exec.js';
 
 export const REPO_ROOT = resolve(import.meta.dirname, '../..');
 export const CLI = join(REPO_ROOT, 'dist/bootrestore.mjs');
+/** The launcher users run (bin/bootrestore: the CLI bundle with its glibc malloc settings). */
+export const LAUNCHER = join(REPO_ROOT, 'bin/bootrestore');
 
 export interface ServerProcess {
   /** iscsi:// URL of a LUN (default target: the config's first). */
@@ -25,7 +27,7 @@ export interface ServerProcess {
 }
 
 /**
- * Spawn `node dist/bootrestore.mjs serve --config FILE` (run `npm run build` first) and wait until
+ * Spawn `bin/bootrestore serve --config FILE` (run `npm run build` first) and wait until
  * every portal logs "listening". `config` is written to a temp file; its `listen` defaults to
  * 127.0.0.1:0 (an ephemeral port read back from the log).
  */
@@ -37,7 +39,7 @@ export async function startServerProcess(
   const configFile = join(dir, 'bootrestore.json');
   const full: Record<string, unknown> = { listen: ['127.0.0.1:0'], ...config };
   await writeFile(configFile, JSON.stringify(full, null, 2));
-  const child = spawn(process.execPath, [CLI, 'serve', '--config', configFile], {
+  const child = spawn(LAUNCHER, ['serve', '--config', configFile], {
     env: { ...process.env, BOOTRESTORE_LOG_LEVEL: process.env.BOOTRESTORE_LOG_LEVEL ?? 'info', ...opts.env },
     stdio: ['ignore', 'pipe', 'pipe'],
   });
