@@ -16,4 +16,6 @@ esac
 npm run --silent build
 npx esbuild "bench/$harness.ts" --bundle --platform=node --format=esm --target=node20 \
   --packages=external --log-level=warning --outfile="dist/bench/$harness.mjs"
+# The same malloc settings as the bootrestore launcher (in-process benches measure what users run).
+. bin/malloc-env.sh
 exec node "dist/bench/$harness.mjs" "$@"
