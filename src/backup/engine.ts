@@ -11,14 +11,15 @@ import type { DiskSource } from './types.js';
 import { WriteSession, checkChunkSize, type ChunkContent, type WriteOptions, type WriteResult } from './writer.js';
 
 /**
- * Default chunk size: 256 KiB, chosen from bench/backup.ts on a 1 GiB image (docs/repository-format.md,
- * "Measurements"). Against 64 KiB it writes 3.5x fewer chunk files (4M files per TiB instead of 16M)
- * and backs up ~1.8x faster here (84 vs 47 MB/s, run 3); against 1 MiB a random 4 KiB read loads 4x less, a ~1 % change
- * stores 3x less, and a cold boot fetches far less than the 130 MiB that 1 MiB chunks cost for the
- * 52 MiB a Debian boot reads (/work/shared/notes/testing-here.md). Boot-latency-critical VMs can use
- * `--chunk-size 64K` (61 MiB for that boot, best random reads, slowest backup).
+ * Default chunk size: 128 KiB, chosen from bench/backup.ts run 6 on the 1 GiB bench image
+ * (docs/repository-format.md, "Measurements"; pack store, codecs on worker threads, restic in the
+ * same run). 128 KiB with brotli-2 backs up at 1.7x restic's speed into 0.97x its space; 256 KiB
+ * stores 4 % more than restic whatever the codec (fixed chunks miss shifted copies that smaller
+ * chunks find); 64 KiB stores 9 % less than restic at 1.6x its speed but has 2x the index and
+ * pack-map size per GiB of 128 KiB (16,384 digests per GiB) for 6 % less space. A random 4 KiB
+ * read loads 128 KiB; a cold boot fetches less than with larger chunks.
  */
-export const DEFAULT_CHUNK_SIZE = 256 * 1024;
+export const DEFAULT_CHUNK_SIZE = 128 * 1024;
 
 export interface ByteRange {
   readonly offset: number;

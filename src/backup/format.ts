@@ -29,7 +29,7 @@ export const enum ChunkCompression {
 export type ChunkCodec = 'brotli' | 'deflate';
 export const CHUNK_CODECS: readonly ChunkCodec[] = ['brotli', 'deflate'];
 /** Default codec and levels (docs/repository-format.md, "Codec choice"). */
-export const DEFAULT_CODEC: ChunkCodec = 'deflate';
+export const DEFAULT_CODEC: ChunkCodec = 'brotli';
 export const DEFAULT_CODEC_LEVEL: Readonly<Record<ChunkCodec, number>> = { brotli: 2, deflate: 1 };
 /** Valid levels: deflate 1–9, brotli quality 0–11. */
 export const CODEC_LEVELS: Readonly<Record<ChunkCodec, readonly [number, number]>> = { brotli: [0, 11], deflate: [1, 9] };

@@ -14,14 +14,14 @@ const USAGE = `usage: bootrestore backup SOURCE --repo DIR --vm NAME [--chunk-si
 
 Back up a disk image (raw, qcow2, VMDK) as a new restore point of VM NAME. The repository is
 created if DIR does not exist or is empty. The first backup of a VM is full and fixes its chunk
-size (--chunk-size, default 256K; 64K..16M, a power of two); later backups store only chunks
+size (--chunk-size, default 128K; 64K..16M, a power of two); later backups store only chunks
 whose content changed.
   --changed-blocks FILE  read only these byte ranges and take every other chunk from the previous
                          restore point. FILE: JSON [{"offset":N,"length":N},...] or lines
                          "offset length" (decimal or 0x hex; '#' starts a comment).
-  --compression C        codec of new chunks: deflate (default, level ${DEFAULT_CODEC_LEVEL.deflate}; 1..9), brotli
-                         (level ${DEFAULT_CODEC_LEVEL.brotli}; 0..11: ~3 % smaller repositories, slower backups and cold
-                         reads) or none. Chunks that do not shrink by 10 % are stored as they are.
+  --compression C        codec of new chunks: brotli (default, level ${DEFAULT_CODEC_LEVEL.brotli}; 0..11), deflate
+                         (level ${DEFAULT_CODEC_LEVEL.deflate}; 1..9: ~3 % larger repositories, ~10 % faster
+                         cold reads) or none. Chunks that do not shrink by 10 % are stored as they are.
                          Every reader reads every codec; dedup does not depend on it.
   --compression-level N  the codec's level (higher: smaller and slower to write)
   --chunk-store S        only when this backup creates the repository: packs (default; new chunks

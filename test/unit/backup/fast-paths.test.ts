@@ -12,11 +12,12 @@ import { crc32, deflateRawSync } from 'node:zlib';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
 import { backupSource } from '../../../src/backup/engine.js';
 import { CorruptChunkError, RepositoryError } from '../../../src/backup/errors.js';
-import { CHUNK_HEADER_SIZE, CHUNK_MAGIC, MAX_CHUNK_SIZE, decodeChunk, sha256 } from '../../../src/backup/format.js';
+import { CHUNK_HEADER_SIZE, CHUNK_MAGIC, ChunkCompression, MAX_CHUNK_SIZE, decodeChunk, sha256 } from '../../../src/backup/format.js';
 import { chunkFileBufferSize, openRestorePoint } from '../../../src/backup/reader.js';
 import { Repository } from '../../../src/backup/repository.js';
 import { silentLogger } from '../../../src/log.js';
 import { BufferSource, pseudoRandomBytes } from '../../helpers/buffer-source.js';
+import { listChunkRecords, readChunkRecord } from '../../helpers/chunk-store.js';
 
 const CHUNK = 64 * 1024;
 
@@ -99,14 +100,18 @@ describe('writer fast paths', () => {
 
   it('codecs and levels give readable chunks in the same format; an invalid codec or level publishes nothing', async () => {
     const img = image();
-    const level1 = await backupSource(join(dir, 'r1'), new BufferSource(img), { vm: 'v', chunkSize: CHUNK, logger: silentLogger() }); // default: deflate-1
+    const level1 = await backupSource(join(dir, 'r1'), new BufferSource(img), { vm: 'v', chunkSize: CHUNK, codec: 'deflate', logger: silentLogger() }); // deflate-1
     const level6 = await backupSource(repo, new BufferSource(img), { vm: 'v', chunkSize: CHUNK, codec: 'deflate', compressionLevel: 6, logger: silentLogger() });
     expect(level6.stats.newChunks).toBe(level1.stats.newChunks);
     expect(level6.stats.newBytesStored).toBeLessThanOrEqual(level1.stats.newBytesStored);
     expect(level6.stats.newBytesStored).toBeLessThan(level6.stats.newBytesUncompressed);
     expect((await readAll('v')).equals(img)).toBe(true);
-    // The same image with brotli in another repository: smaller, same content.
-    const brotli = await backupSource(join(dir, 'r2'), new BufferSource(img), { vm: 'v', chunkSize: CHUNK, codec: 'brotli', logger: silentLogger() });
+    // The same image with the default codec (brotli-2) in another repository: smaller, same content.
+    const brotli = await backupSource(join(dir, 'r2'), new BufferSource(img), { vm: 'v', chunkSize: CHUNK, logger: silentLogger() });
+    const kinds = new Set<number>();
+    for (const rec of await listChunkRecords(join(dir, 'r2'))) kinds.add((await readChunkRecord(rec)).readUInt8(5));
+    expect(kinds.has(ChunkCompression.Brotli)).toBe(true);
+    expect(kinds.has(ChunkCompression.Deflate)).toBe(false);
     expect(brotli.stats.newChunks).toBe(level1.stats.newChunks);
     expect(brotli.stats.newBytesStored).toBeLessThan(level1.stats.newBytesStored);
     const reader = await openRestorePoint(join(dir, 'r2'), 'v', 'latest');

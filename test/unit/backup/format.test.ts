@@ -18,9 +18,9 @@ describe('chunk files', () => {
   const text = Buffer.from('the quick brown fox jumps over the lazy dog\n'.repeat(3000));
   const random = pseudoRandomBytes(64 * 1024, 7);
 
-  it('compresses compressible data (deflate by default, brotli on request), stores random data as is; all decode', async () => {
+  it('compresses compressible data (brotli by default, deflate on request), stores random data as is; all decode', async () => {
     const a = await encodeChunk(text);
-    expect(a.compression).toBe(ChunkCompression.Deflate);
+    expect(a.compression).toBe(ChunkCompression.Brotli);
     expect(a.file.length).toBeLessThan(text.length / 4);
     expect((await decodeChunk(a.file, sha256(text), text.length)).equals(text)).toBe(true);
     for (const level of [0, 5, 11]) {
