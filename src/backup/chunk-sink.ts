@@ -16,7 +16,11 @@ import { runBounded } from './writer.js';
 export interface ChunkSink {
   /** Whether the chunk is already durable in the repository; if so it is marked in use (gc keeps it). */
   adopt(digestHex: string): Promise<boolean>;
-  /** Store a new chunk (header + payload); durable after `flush`. */
+  /**
+   * Store a new chunk (header + payload); durable after `flush`. The pack sink keeps the buffers
+   * until its pack is sealed: callers must not change them afterwards (the engine's source reads
+   * and `mergedChunk` hand out buffers of their own).
+   */
   put(digestHex: string, header: Buffer, payload: Buffer): Promise<void>;
   flush(): Promise<void>;
   /** After a failure: delete what is not yet in place. */
