@@ -185,10 +185,6 @@ export class PackStore {
     return this.locations.get(digestHex);
   }
 
-  get chunkCount(): number {
-    return this.locations.size;
-  }
-
   /** Every loaded pack with its entries (for gc). */
   packs(): Array<[string, readonly PackEntry[]]> {
     return [...this.packEntries.entries()];
