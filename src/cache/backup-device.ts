@@ -25,7 +25,7 @@ import { UNIT_BASE, UNIT_PRESENT, UNIT_ZERO } from './unit-map.js';
 
 export const BLOCK_SIZE = 512;
 /** Default read-ahead: at most this many chunks … */
-const DEFAULT_READ_AHEAD_CHUNKS = 16;
+const DEFAULT_READ_AHEAD_CHUNKS = 16; // 8 before the chunk workers: see ChunkCacheOptions.maxConcurrentLoads
 /** … and at most this many bytes. */
 const DEFAULT_READ_AHEAD_BYTES = 8 * 1024 * 1024;
 /** GET LBA STATUS scans at most this many uniform segments (units/chunks) per call. */
@@ -43,7 +43,7 @@ export interface BackupBlockDeviceOptions {
   readonly identity: BlockDeviceIdentity;
   readonly logger: Logger;
   readonly metrics?: DeviceMetrics;
-  /** Chunks to prefetch once reads are sequential. Default: up to 8 chunks and 8 MiB; 0 disables. */
+  /** Chunks to prefetch once reads are sequential. Default: up to 16 chunks and 8 MiB; 0 disables. */
   readonly readAheadChunks?: number;
   /**
    * Return a read inside one cached chunk as a view of the shared chunk instead of a copy. Only safe

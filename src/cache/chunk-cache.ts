@@ -27,7 +27,7 @@ export type ChunkLoader = (into: Buffer | undefined) => Promise<Buffer>;
 export interface ChunkCacheOptions {
   /** Upper bound of cached bytes (decompressed chunk lengths). */
   readonly maxBytes: number;
-  /** Loads running at once (further misses queue). Default 8. */
+  /** Loads running at once (further misses queue). Default 16 (cold sequential pass: 370–390 MiB/s with 8 and 8 chunks read-ahead, 450–555 with 16 and 16). */
   readonly maxConcurrentLoads?: number;
   readonly logger: Logger;
 }
