@@ -10,7 +10,8 @@ import type { FileHandle } from 'node:fs/promises';
 import { join } from 'node:path';
 import { RepositoryError } from './errors.js';
 import { PackWriter, statPack } from './packs.js';
-import { Repository, errnoCode, fsyncDir } from './repository.js';
+import { Repository, errnoCode, fsyncDir, touchIfPresent, writevFully } from './repository.js';
+import { SerialJobs } from './serial-jobs.js';
 import { runBounded } from './writer.js';
 
 export interface ChunkSink {
@@ -33,6 +34,14 @@ export interface ChunkSink {
 
 function adoptedChunkGone(hex: string): RepositoryError {
   return new RepositoryError(`chunk ${hex} disappeared during the write (concurrent gc?): nothing was published, run it again`);
+}
+
+/** fsync the directories that gained entries (8 at a time), then their parent if there was any. */
+async function fsyncTouched(dirs: ReadonlySet<string>, parent: string): Promise<void> {
+  if (dirs.size === 0) return;
+  const list = [...dirs];
+  await runBounded(list.length, 8, (k) => fsyncDir(list[k]!));
+  await fsyncDir(parent);
 }
 
 export class FileChunkSink implements ChunkSink {
@@ -64,17 +73,11 @@ export class FileChunkSink implements ChunkSink {
   async adopt(hex: string): Promise<boolean> {
     if (!this.prefixDirsAtStart.has(this.repo.chunkPrefix(hex))) return false;
     // An existing file is adopted; bumping its mtime tells a concurrent gc it is in use.
-    const now = new Date();
-    const exists = await fsp.utimes(this.repo.chunkPath(hex), now, now).then(
-      () => true,
-      (err: unknown) => {
-        if (errnoCode(err) === 'ENOENT') return false;
-        throw err;
-      },
-    );
+    const exists = await touchIfPresent(this.repo.chunkPath(hex));
     if (exists) this.adopted.add(hex);
     return exists;
   }
+
 
   async put(hex: string, header: Buffer, payload: Buffer): Promise<void> {
     const dir = this.repo.chunkDir(hex);
@@ -104,10 +107,8 @@ export class FileChunkSink implements ChunkSink {
     }
   }
 
-  async syncDirectories(): Promise<void> {
-    const dirs = [...this.touchedDirs];
-    await runBounded(dirs.length, 8, (k) => fsyncDir(dirs[k]!));
-    if (dirs.length > 0) await fsyncDir(join(this.repo.dir, 'chunks'));
+  syncDirectories(): Promise<void> {
+    return fsyncTouched(this.touchedDirs, join(this.repo.dir, 'chunks'));
   }
 }
 
@@ -133,15 +134,7 @@ export class PackChunkSink implements ChunkSink {
       const location = store.lookup(hex);
       if (location === undefined) return false;
       if (this.bumped.has(location.pack)) break;
-      const now = new Date();
-      const exists = await fsp.utimes(store.packPath(location.pack), now, now).then(
-        () => true,
-        (err: unknown) => {
-          if (errnoCode(err) === 'ENOENT') return false;
-          throw err;
-        },
-      );
-      if (exists) {
+      if (await touchIfPresent(store.packPath(location.pack))) {
         this.bumped.add(location.pack);
         break;
       }
@@ -183,10 +176,8 @@ export class PackChunkSink implements ChunkSink {
     }
   }
 
-  async syncDirectories(): Promise<void> {
-    const dirs = [...this.touchedDirs];
-    await runBounded(dirs.length, 8, (k) => fsyncDir(dirs[k]!));
-    if (dirs.length > 0) await fsyncDir(this.repo.packs.dir);
+  syncDirectories(): Promise<void> {
+    return fsyncTouched(this.touchedDirs, this.repo.packs.dir);
   }
 }
 
@@ -206,12 +197,8 @@ interface PendingFile {
 class DurableBatch {
   private pending: PendingFile[] = [];
   private pendingBytes = 0;
-  /** Tail of the chain of flushes (they run one at a time, in order); never rejects. */
-  private flushing: Promise<void> = Promise.resolve();
-  /** Flushes started and not yet finished. */
-  private flushesInFlight = 0;
-  /** The first flush failure: later flushes discard their files and report it. */
-  private failure: { error: unknown } | null = null;
+  /** Flushes, one at a time in order; after the first failure later ones discard their files. */
+  private readonly flushes = new SerialJobs();
 
   constructor(
     private readonly maxFiles: number,
@@ -225,12 +212,7 @@ class DurableBatch {
     const handle = await fsp.open(tmp, 'wx', 0o644);
     const size = header.length + payload.length;
     try {
-      let written = (await handle.writev([header, payload], 0)).bytesWritten;
-      // writev to a regular file writes everything at once; finish a short write all the same.
-      while (written < size) {
-        const rest = Buffer.concat([header, payload]).subarray(written);
-        written += (await handle.write(rest, 0, rest.length, written)).bytesWritten;
-      }
+      await writevFully(handle, [header, payload]);
     } catch (err) {
       await handle.close().catch(() => undefined);
       await fsp.rm(tmp, { force: true }).catch(() => undefined);
@@ -242,7 +224,7 @@ class DurableBatch {
       // The batch syncs in the background while chunks keep being read, hashed and compressed.
       // Back-pressure: with one more batch already waiting behind the running one, wait for it.
       const flushed = this.flush();
-      if (this.flushesInFlight > 2) await flushed;
+      if (this.flushes.inFlight > 2) await flushed;
     }
   }
 
@@ -254,38 +236,18 @@ class DurableBatch {
     const files = this.pending;
     this.pending = [];
     this.pendingBytes = 0;
-    this.flushesInFlight++;
-    const run = this.flushing.then(async () => {
-      try {
-        if (this.failure !== null) {
-          await discardFiles(files);
-          throw this.failure.error;
-        }
-        try {
-          await this.syncAndRename(files);
-        } catch (error) {
-          this.failure ??= { error };
-          throw error;
-        }
-      } finally {
-        this.flushesInFlight--;
-      }
-    });
-    // Handled here so that a background flush nobody awaits is no unhandled rejection; its error
-    // reaches the writer through the next add's back-pressure wait or the final flush().
-    this.flushing = run.catch(() => undefined);
-    return run;
+    return this.flushes.run(
+      () => this.syncAndRename(files),
+      () => discardFiles(files),
+    );
   }
 
   /** After a failure: close and delete files not yet renamed. */
   async abort(): Promise<void> {
     const files = this.pending;
     this.pending = [];
-    await this.flushing.catch(() => undefined);
-    for (const f of files) {
-      await f.handle.close().catch(() => undefined);
-      await fsp.rm(f.tmp, { force: true }).catch(() => undefined);
-    }
+    await this.flushes.settled();
+    await discardFiles(files);
   }
 
   private async syncAndRename(files: PendingFile[]): Promise<void> {

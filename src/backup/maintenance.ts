@@ -138,7 +138,6 @@ export async function collectGarbage(repoDir: string, options: GcOptions = {}): 
     logger.info(result, 'gc finished');
     return result;
   } finally {
-    await repo.close();
     await lock.release();
   }
 }
@@ -310,10 +309,13 @@ async function sweepPacks(repo: Repository, referenced: ReadonlySet<string>, cut
       // Copy the referenced records that no other pack holds, verbatim, into a new durable pack.
       const writer = new PackWriter(store, (dir) => changedDirs.add(dir));
       try {
-        for (const e of live) {
+        const toCopy = live.filter((e) => {
           const elsewhere = store.lookup(e.digestHex);
-          if (elsewhere !== undefined && elsewhere.pack !== pack) continue;
-          const { record } = await store.readRecord(e.digestHex, { pack, offset: e.offset, length: e.length });
+          return elsewhere === undefined || elsewhere.pack === pack;
+        });
+        const records = await store.readRecords(pack, toCopy);
+        for (const [k, e] of toCopy.entries()) {
+          const record = records[k]!;
           await writer.add(e.digestHex, record.subarray(0, CHUNK_HEADER_SIZE), record.subarray(CHUNK_HEADER_SIZE));
         }
         await writer.flush();

@@ -26,7 +26,9 @@ import { join } from 'node:path';
 import { crc32 } from 'node:zlib';
 import { RepositoryError } from './errors.js';
 import { DIGEST_LENGTH } from './format.js';
-import { errnoCode } from './repository.js';
+import { errnoCode, writevFully } from './repository.js';
+import { SerialJobs } from './serial-jobs.js';
+import { runBounded } from './writer.js';
 
 export const PACK_MAGIC = 0x4b505242; // "BRPK" little-endian
 export const PACK_FORMAT_VERSION = 1;
@@ -34,8 +36,6 @@ export const PACK_ENTRY_SIZE = DIGEST_LENGTH + 8 + 4;
 export const PACK_FOOTER_SIZE = 24;
 /** A pack is sealed once its records reach this many bytes. */
 export const DEFAULT_PACK_TARGET_BYTES = 16 * 1024 * 1024;
-/** Packs whose file handles stay open for reads. */
-const MAX_OPEN_PACKS = 64;
 
 const PACK_NAME_RE = /^[0-9a-f]{32}\.pack$/;
 const PREFIX_RE = /^[0-9a-f]{2}$/;
@@ -125,14 +125,10 @@ export function isPackTempName(name: string): boolean {
   return /\.pack\.tmp-\d+-[0-9a-f]+$|\.pack\.gc-\d+$/.test(name);
 }
 
-interface OpenPack {
-  readonly handle: Promise<FileHandle>;
-  refs: number;
-}
-
 /**
- * The pack store of one repository: which pack holds which chunk, and pooled read handles.
- * Never writes; `PackWriter` adds the packs it seals.
+ * The pack store of one repository: which pack holds which chunk. Never writes; `PackWriter`
+ * adds the packs it seals. Chunks are read by the chunk workers (src/backup/chunk-workers.ts),
+ * which keep their own handles.
  */
 export class PackStore {
   private readonly locations = new Map<string, ChunkLocation>();
@@ -142,8 +138,6 @@ export class PackStore {
   private readonly packEntries = new Map<string, readonly PackEntry[]>();
   private loaded: Promise<void> | null = null;
   private refreshing: Promise<void> | null = null;
-  /** Open read handles, least recently used first. */
-  private readonly open = new Map<string, OpenPack>();
 
   constructor(readonly dir: string) {}
 
@@ -223,61 +217,21 @@ export class PackStore {
   }
 
   /**
-   * Read a chunk's record into `into` (or a new buffer) and return it. A pack that vanished (gc
-   * repacked it) makes the store rescan once and read from the chunk's new pack.
+   * Read the records of one pack (gc copies the referenced ones of a pack it rewrites): one open,
+   * one read per entry, the handle closed at the end.
    */
-  async readRecord(digestHex: string, location: ChunkLocation, into?: Buffer): Promise<{ record: Buffer; location: ChunkLocation }> {
-    const buffer = into !== undefined && into.length >= location.length ? into.subarray(0, location.length) : Buffer.allocUnsafe(location.length);
+  async readRecords(pack: string, entries: readonly PackEntry[]): Promise<Buffer[]> {
+    const handle = await fsp.open(this.packPath(pack), 'r');
     try {
-      await this.withHandle(location.pack, (handle) => readFully(handle, buffer, location.offset));
-      return { record: buffer, location };
-    } catch (err) {
-      if (errnoCode(err) !== 'ENOENT') throw err;
-      this.forgetPack(location.pack);
-      await this.refresh();
-      const moved = this.locations.get(digestHex);
-      if (moved === undefined || moved.pack === location.pack) throw err;
-      return this.readRecord(digestHex, moved, into);
-    }
-  }
-
-  /** Close every pooled handle (readers call it when they close). */
-  async close(): Promise<void> {
-    const all = [...this.open.values()];
-    this.open.clear();
-    await Promise.all(all.map(async (p) => (await p.handle.catch(() => null))?.close()));
-  }
-
-  private async withHandle<T>(pack: string, use: (handle: FileHandle) => Promise<T>): Promise<T> {
-    let entry = this.open.get(pack);
-    if (entry === undefined) {
-      entry = { handle: fsp.open(this.packPath(pack), 'r'), refs: 0 };
-      this.open.set(pack, entry);
-    } else {
-      // Most recently used last.
-      this.open.delete(pack);
-      this.open.set(pack, entry);
-    }
-    entry.refs++;
-    try {
-      const handle = await entry.handle;
-      return await use(handle);
-    } catch (err) {
-      if (this.open.get(pack) === entry) this.open.delete(pack);
-      throw err;
+      const records: Buffer[] = [];
+      for (const e of entries) {
+        const record = Buffer.allocUnsafe(e.length);
+        await readFully(handle, record, e.offset);
+        records.push(record);
+      }
+      return records;
     } finally {
-      entry.refs--;
-      this.closeIdle();
-    }
-  }
-
-  private closeIdle(): void {
-    if (this.open.size <= MAX_OPEN_PACKS) return;
-    for (const [pack, entry] of this.open) {
-      if (this.open.size <= MAX_OPEN_PACKS) break;
-      if (entry.refs > 0) continue;
-      this.open.delete(pack);
-      void entry.handle.then((h) => h.close()).catch(() => undefined);
+      await handle.close();
     }
   }
 
@@ -302,26 +256,22 @@ export class PackStore {
     }
     for (const pack of [...this.packEntries.keys()]) if (!present.has(pack)) this.forgetPack(pack);
     for (const pack of [...this.unreadablePacks.keys()]) if (!present.has(pack)) this.unreadablePacks.delete(pack);
-    let next = 0;
-    const loadOne = async (): Promise<void> => {
-      while (next < toLoad.length) {
-        const pack = toLoad[next++]!;
-        let entries: PackEntry[];
-        try {
-          entries = await readPackEntries(this.packPath(pack));
-        } catch (err) {
-          if (errnoCode(err) === 'ENOENT') continue; // removed meanwhile (gc)
-          // One damaged pack must not take the others down: its chunks are missing (reads of them
-          // fail with MEDIUM ERROR, verify names the pack, a backup stores them anew); the next
-          // scan tries it again.
-          this.unreadablePacks.set(pack, err instanceof Error ? err.message : String(err));
-          continue;
-        }
-        this.unreadablePacks.delete(pack);
-        this.addPack(pack, entries);
+    await runBounded(toLoad.length, 16, async (k) => {
+      const pack = toLoad[k]!;
+      let entries: PackEntry[];
+      try {
+        entries = await readPackEntries(this.packPath(pack));
+      } catch (err) {
+        if (errnoCode(err) === 'ENOENT') return; // removed meanwhile (gc)
+        // One damaged pack must not take the others down: its chunks are missing (reads of them
+        // fail with MEDIUM ERROR, verify names the pack, a backup stores them anew); the next
+        // scan tries it again.
+        this.unreadablePacks.set(pack, err instanceof Error ? err.message : String(err));
+        return;
       }
-    };
-    await Promise.all(Array.from({ length: Math.min(16, toLoad.length) }, loadOne));
+      this.unreadablePacks.delete(pack);
+      this.addPack(pack, entries);
+    });
   }
 }
 
@@ -340,12 +290,9 @@ interface PendingRecord {
 export class PackWriter {
   private records: PendingRecord[] = [];
   private bytes = 0;
-  private sealing: Promise<void> = Promise.resolve();
-  private sealsInFlight = 0;
-  private failure: { error: unknown } | null = null;
+  /** Seals, one at a time in order; the first failure sticks. */
+  private readonly seals = new SerialJobs();
   private readonly tempFiles = new Set<string>();
-  /** Packs this writer made durable (relative names). */
-  readonly written: string[] = [];
 
   constructor(
     private readonly store: PackStore,
@@ -355,27 +302,26 @@ export class PackWriter {
 
   /** Add one chunk record (header + payload). */
   async add(digestHex: string, header: Buffer, payload: Buffer): Promise<void> {
-    if (this.failure !== null) throw this.failure.error;
+    this.seals.throwIfFailed();
     const length = header.length + payload.length;
     this.records.push({ entry: { digestHex, offset: this.bytes, length }, header, payload });
     this.bytes += length;
     if (this.bytes >= this.targetBytes) {
       const sealed = this.seal();
-      if (this.sealsInFlight > 2) await sealed;
+      if (this.seals.inFlight > 2) await sealed;
     }
   }
 
   /** Seal the open pack (if any) and wait until every pack is durable; rejects with the first failure. */
-  async flush(): Promise<void> {
-    await this.seal();
-    if (this.failure !== null) throw this.failure.error;
+  flush(): Promise<void> {
+    return this.seal();
   }
 
   /** After a failure: wait for running seals and delete temporary files. */
   async abort(): Promise<void> {
     this.records = [];
     this.bytes = 0;
-    await this.sealing.catch(() => undefined);
+    await this.seals.settled();
     await Promise.all([...this.tempFiles].map((t) => fsp.rm(t, { force: true }).catch(() => undefined)));
   }
 
@@ -384,23 +330,9 @@ export class PackWriter {
     const bytes = this.bytes;
     this.records = [];
     this.bytes = 0;
-    this.sealsInFlight++;
-    const run = this.sealing.then(async () => {
-      try {
-        if (this.failure !== null) throw this.failure.error;
-        if (records.length === 0) return;
-        try {
-          await this.writePack(records, bytes);
-        } catch (error) {
-          this.failure ??= { error };
-          throw error;
-        }
-      } finally {
-        this.sealsInFlight--;
-      }
+    return this.seals.run(async () => {
+      if (records.length > 0) await this.writePack(records, bytes);
     });
-    this.sealing = run.catch(() => undefined);
-    return run;
   }
 
   private async writePack(records: readonly PendingRecord[], recordBytes: number): Promise<void> {
@@ -413,15 +345,10 @@ export class PackWriter {
     const buffers: Buffer[] = [];
     for (const r of records) buffers.push(r.header, r.payload);
     buffers.push(encodePackTrailer(entries, recordBytes));
-    const size = buffers.reduce((n, b) => n + b.length, 0);
     this.tempFiles.add(tmp);
     const handle = await fsp.open(tmp, 'wx', 0o644);
     try {
-      let written = (await handle.writev(buffers, 0)).bytesWritten;
-      while (written < size) {
-        const rest = Buffer.concat(buffers).subarray(written);
-        written += (await handle.write(rest, 0, rest.length, written)).bytesWritten;
-      }
+      await writevFully(handle, buffers);
       await handle.datasync();
     } catch (err) {
       await handle.close().catch(() => undefined);
@@ -431,7 +358,6 @@ export class PackWriter {
     await fsp.rename(tmp, final);
     this.tempFiles.delete(tmp);
     this.store.addPack(pack, entries);
-    this.written.push(pack);
     this.onSealed(dir);
   }
 }

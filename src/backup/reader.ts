@@ -148,7 +148,6 @@ class RepositoryRestorePoint implements RestorePointReader {
 
   async close(): Promise<void> {
     this.closed = true;
-    await this.repo.close();
   }
 
   private checkIndex(index: number): void {

@@ -14,6 +14,7 @@
  */
 import { randomBytes } from 'node:crypto';
 import { promises as fsp, constants as fsConstants } from 'node:fs';
+import type { FileHandle } from 'node:fs/promises';
 import { hostname } from 'node:os';
 import { join } from 'node:path';
 import { RepositoryError } from './errors.js';
@@ -75,16 +76,11 @@ export class Repository {
     readonly chunkStore: ChunkStoreKind,
   ) {}
 
-  /** The pack index and read handles of a "packs" repository (one per Repository object). */
+  /** The pack index of a "packs" repository (one per Repository object). */
   get packs(): PackStore {
     if (this.chunkStore !== 'packs') throw new RepositoryError(`repository ${this.dir} stores chunks as files, not packs`);
     this.packStore ??= new PackStore(join(this.dir, 'packs'));
     return this.packStore;
-  }
-
-  /** Release read handles (pack files). */
-  async close(): Promise<void> {
-    await this.packStore?.close();
   }
 
   /** Open an existing repository; throws RepositoryError naming the path and reason. */
@@ -392,6 +388,28 @@ export async function writeFileAtomic(path: string, data: Buffer): Promise<void>
   } catch (err) {
     await fsp.rm(tmp, { force: true }).catch(() => undefined);
     throw err;
+  }
+}
+
+/** Bump a file's times to now; false if it does not exist (any other error throws). */
+export async function touchIfPresent(path: string): Promise<boolean> {
+  const now = new Date();
+  return fsp.utimes(path, now, now).then(
+    () => true,
+    (err: unknown) => {
+      if (errnoCode(err) === 'ENOENT') return false;
+      throw err;
+    },
+  );
+}
+
+/** Write `buffers` at `position` (one writev; a regular file takes it whole, a short write is finished). */
+export async function writevFully(handle: FileHandle, buffers: readonly Buffer[], position = 0): Promise<void> {
+  const size = buffers.reduce((n, b) => n + b.length, 0);
+  let written = (await handle.writev(buffers, position)).bytesWritten;
+  while (written < size) {
+    const rest = Buffer.concat(buffers).subarray(written);
+    written += (await handle.write(rest, 0, rest.length, position + written)).bytesWritten;
   }
 }
 

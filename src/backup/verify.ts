@@ -95,7 +95,6 @@ export async function verifyRepository(repoDir: string, options: VerifyOptions =
   if (repo.chunkStore === 'packs') await repo.packs.ensureLoaded();
   const unreadablePacks =
     repo.chunkStore === 'packs' ? [...repo.packs.unreadablePacks.entries()].map(([pack, reason]) => ({ path: repo.packs.packPath(pack), reason })) : [];
-  await repo.close();
   problems.sort((a, b) => a.digest.localeCompare(b.digest));
   const brokenPoints = new Set<string>();
   for (const p of problems) for (const name of p.points) brokenPoints.add(name);

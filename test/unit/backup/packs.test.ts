@@ -479,7 +479,6 @@ describe('readers and packs that appear or move', () => {
       expect((await reader.read(0, b.length)).equals(b)).toBe(true);
     } finally {
       await reader.close();
-      await r.close();
     }
   });
 
@@ -505,15 +504,11 @@ describe('readers and packs that appear or move', () => {
     await backup('n', n);
     const digest = digestOf(n, 1);
     expect(r.packs.lookup(digest)).toBeUndefined();
-    try {
-      expect((await readChunk(r, Buffer.from(digest, 'hex'), CHUNK)).equals(chunkOf(n, 1))).toBe(true);
-      expect(r.packs.lookup(digest)?.pack).toBe(relative(join(repo, 'packs'), await packOf(digest)));
-      // A digest no pack holds is missing after the rescan, not an error of another kind.
-      const missing = await readChunk(r, Buffer.alloc(32, 0xab), CHUNK).catch((e: unknown) => e);
-      expect(missing).toBeInstanceOf(CorruptChunkError);
-      expect((missing as CorruptChunkError).reason).toMatch(/chunk is missing \(no readable pack holds it\)/);
-    } finally {
-      await r.close();
-    }
+    expect((await readChunk(r, Buffer.from(digest, 'hex'), CHUNK)).equals(chunkOf(n, 1))).toBe(true);
+    expect(r.packs.lookup(digest)?.pack).toBe(relative(join(repo, 'packs'), await packOf(digest)));
+    // A digest no pack holds is missing after the rescan, not an error of another kind.
+    const missing = await readChunk(r, Buffer.alloc(32, 0xab), CHUNK).catch((e: unknown) => e);
+    expect(missing).toBeInstanceOf(CorruptChunkError);
+    expect((missing as CorruptChunkError).reason).toMatch(/chunk is missing \(no readable pack holds it\)/);
   });
 });
