@@ -126,12 +126,8 @@ export async function collectGarbage(repoDir: string, options: GcOptions = {}): 
     const result: GcResult = {
       indexes,
       referencedChunks: referenced.size,
-      chunkFiles: sweep.chunkFiles,
-      removedChunks: sweep.removedChunks,
-      removedBytes: sweep.removedBytes,
-      keptRecent: sweep.keptRecent,
+      ...sweep,
       removedTempFiles,
-      ...(sweep.packs !== undefined ? { packs: sweep.packs } : {}),
       cutoff: new Date(cutoff).toISOString(),
       seconds: (performance.now() - t0) / 1000,
     };
@@ -142,14 +138,8 @@ export async function collectGarbage(repoDir: string, options: GcOptions = {}): 
   }
 }
 
-interface SweepResult {
-  readonly chunkFiles: number;
-  readonly removedChunks: number;
-  readonly removedBytes: number;
-  readonly keptRecent: number;
-  readonly removedTempFiles: number;
-  readonly packs?: PackSweep;
-}
+/** What a sweep of chunk files or packs reports: its part of the gc result. */
+type SweepResult = Pick<GcResult, 'chunkFiles' | 'removedChunks' | 'removedBytes' | 'keptRecent' | 'removedTempFiles' | 'packs'>;
 
 /** Sweep of a "files" repository: each unreferenced chunk file older than the cutoff goes. */
 async function sweepChunkFiles(repo: Repository, referenced: ReadonlySet<string>, cutoff: number, options: GcOptions): Promise<SweepResult> {
