@@ -210,23 +210,45 @@ function readUncompressedInto(job) {
   return target;
 }
 
+// Header checks, in order: magic, version, uncompressed length = the expected one, stored length =
+// the payload's. Returns the fields the caller needs.
+function checkHeader(h, payloadLength, expected) {
+  if (h.readUInt32LE(0) !== MAGIC) throw new Corrupt('bad magic');
+  const version = h.readUInt8(4);
+  if (version !== VERSION) throw new Corrupt('unsupported chunk format version ' + version);
+  const uncompressedLength = h.readUInt32LE(8);
+  const storedLength = h.readUInt32LE(12);
+  if (uncompressedLength !== expected) throw new Corrupt('header says ' + uncompressedLength + ' bytes, the index expects ' + expected);
+  if (storedLength !== payloadLength) throw new Corrupt('payload is ' + payloadLength + ' bytes, header says ' + storedLength);
+  return { compression: h.readUInt8(5), uncompressedLength, storedLength, storedCrc: h.readUInt32LE(16) };
+}
+
+function checkCrc(job, payload, storedCrc) {
+  if (job.checkCrc && zlib.crc32(payload) !== storedCrc) throw new Corrupt('CRC32 mismatch');
+}
+
+function checkDigest(job, data) {
+  const digest = createHash('sha256').update(data).digest();
+  if (!digest.equals(Buffer.from(job.digest.buffer, job.digest.byteOffset, job.digest.byteLength))) {
+    throw new Corrupt('SHA-256 of the content does not match its name');
+  }
+}
+
 function decode(job, transfer) {
   const expected = job.expected;
   const direct = readUncompressedInto(job);
-  const file = direct === null ? readStored(job.from, expected) : null;
-  if (direct !== null) return checkUncompressedInPlace(job, direct);
+  if (direct !== null) {
+    // The header is in headerBuf, the (uncompressed) payload already in the caller's memory.
+    const header = checkHeader(headerBuf, direct.length, expected);
+    checkCrc(job, direct, header.storedCrc);
+    checkDigest(job, direct);
+    return { shared: true };
+  }
+  const file = readStored(job.from, expected);
   if (file.length < HEADER) throw new Corrupt('file is ' + file.length + ' bytes, shorter than the header');
-  if (file.readUInt32LE(0) !== MAGIC) throw new Corrupt('bad magic');
-  const version = file.readUInt8(4);
-  if (version !== VERSION) throw new Corrupt('unsupported chunk format version ' + version);
-  const compression = file.readUInt8(5);
-  const uncompressedLength = file.readUInt32LE(8);
-  const storedLength = file.readUInt32LE(12);
-  const storedCrc = file.readUInt32LE(16);
-  if (uncompressedLength !== expected) throw new Corrupt('header says ' + uncompressedLength + ' bytes, the index expects ' + expected);
-  if (storedLength !== file.length - HEADER) throw new Corrupt('payload is ' + (file.length - HEADER) + ' bytes, header says ' + storedLength);
+  const { compression, uncompressedLength, storedLength, storedCrc } = checkHeader(file, file.length - HEADER, expected);
   const payload = file.subarray(HEADER);
-  if (job.checkCrc && zlib.crc32(payload) !== storedCrc) throw new Corrupt('CRC32 mismatch');
+  checkCrc(job, payload, storedCrc);
   let data;
   if (compression === 0) {
     if (storedLength !== uncompressedLength) throw new Corrupt('stored length differs from length of an uncompressed chunk');
@@ -243,10 +265,7 @@ function decode(job, transfer) {
   } else {
     throw new Corrupt('unknown compression kind ' + compression);
   }
-  const digest = createHash('sha256').update(data).digest();
-  if (!digest.equals(Buffer.from(job.digest.buffer, job.digest.byteOffset, job.digest.byteLength))) {
-    throw new Corrupt('SHA-256 of the content does not match its name');
-  }
+  checkDigest(job, data);
   if (job.into !== null && job.into.byteLength >= data.length) {
     job.into.set(data);
     return { shared: true };
@@ -254,21 +273,6 @@ function decode(job, transfer) {
   const out = exactCopy(data);
   transfer.push(out.buffer);
   return { data: out };
-}
-
-// The checks of decode() for an uncompressed record whose payload is already in place.
-function checkUncompressedInPlace(job, data) {
-  const h = headerBuf;
-  if (h.readUInt32LE(0) !== MAGIC) throw new Corrupt('bad magic');
-  if (h.readUInt8(4) !== VERSION) throw new Corrupt('unsupported chunk format version ' + h.readUInt8(4));
-  if (h.readUInt32LE(8) !== job.expected) throw new Corrupt('header says ' + h.readUInt32LE(8) + ' bytes, the index expects ' + job.expected);
-  if (h.readUInt32LE(12) !== job.expected) throw new Corrupt('payload is ' + job.expected + ' bytes, header says ' + h.readUInt32LE(12));
-  if (job.checkCrc && zlib.crc32(data) !== h.readUInt32LE(16)) throw new Corrupt('CRC32 mismatch');
-  const digest = createHash('sha256').update(data).digest();
-  if (!digest.equals(Buffer.from(job.digest.buffer, job.digest.byteOffset, job.digest.byteLength))) {
-    throw new Corrupt('SHA-256 of the content does not match its name');
-  }
-  return { shared: true };
 }
 
 parentPort.on('message', ({ jobs }) => {
