@@ -3,6 +3,7 @@ import { createHash } from 'node:crypto';
 import { open, readFile, readdir, writeFile } from 'node:fs/promises';
 import { join, relative } from 'node:path';
 import { runChecked, runCommand, type CommandResult } from './exec.js';
+import { openRestorePoint } from '../../src/backup/reader.js';
 import { LAUNCHER } from './server.js';
 import { pseudoRandomBytes } from './buffer-source.js';
 
@@ -82,4 +83,14 @@ export async function chunkDigests(path: string, chunkSize: number): Promise<Set
 
 export async function writeJson(path: string, value: unknown): Promise<void> {
   await writeFile(path, JSON.stringify(value, null, 2));
+}
+
+/** Every byte of a restore point ('latest' = the VM's newest), read through the reader API. */
+export async function readWholePoint(repoDir: string, vm: string, pointId = 'latest'): Promise<Buffer> {
+  const reader = await openRestorePoint(repoDir, vm, pointId);
+  try {
+    return await reader.read(0, reader.imageSize);
+  } finally {
+    await reader.close();
+  }
 }

@@ -13,6 +13,7 @@ import { writeRestorePoint, type ChunkContent } from '../../../src/backup/writer
 import { silentLogger } from '../../../src/log.js';
 import { BufferSource, pseudoRandomBytes } from '../../helpers/buffer-source.js';
 import { chunkStoreFiles, corruptChunk, listStoredChunks } from '../../helpers/chunk-store.js';
+import { readWholePoint } from '../../helpers/repo.js';
 
 const CHUNK = 64 * 1024;
 
@@ -38,14 +39,7 @@ function sampleImage(): Buffer {
   return img;
 }
 
-async function readAll(vm: string, id: string): Promise<Buffer> {
-  const reader = await openRestorePoint(repo, vm, id);
-  try {
-    return await reader.read(0, reader.imageSize);
-  } finally {
-    await reader.close();
-  }
-}
+const readAll = (vm: string, id: string): Promise<Buffer> => readWholePoint(repo, vm, id);
 
 describe('full backup and reader', () => {
   it('round-trips a raw file byte for byte; zero chunks cost no file; repeated chunks are stored once', async () => {

@@ -18,6 +18,7 @@ import { Repository } from '../../../src/backup/repository.js';
 import { silentLogger } from '../../../src/log.js';
 import { BufferSource, pseudoRandomBytes } from '../../helpers/buffer-source.js';
 import { listChunkRecords, readChunkRecord } from '../../helpers/chunk-store.js';
+import { readWholePoint } from '../../helpers/repo.js';
 
 const CHUNK = 64 * 1024;
 
@@ -54,14 +55,7 @@ async function chunkFiles(repoDir: string): Promise<string[]> {
 /** The "files" store: these tests are about one file per chunk. */
 const FILES = { chunkStore: 'files' } as const;
 
-async function readAll(vm: string): Promise<Buffer> {
-  const reader = await openRestorePoint(repo, vm, 'latest');
-  try {
-    return await reader.read(0, reader.imageSize);
-  } finally {
-    await reader.close();
-  }
-}
+const readAll = (vm: string): Promise<Buffer> => readWholePoint(repo, vm);
 
 describe('writer fast paths', () => {
   it('a second VM with the same content adopts every existing chunk (mtime bumped) and writes none', async () => {

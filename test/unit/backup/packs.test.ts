@@ -21,6 +21,7 @@ import { writeRestorePoint } from '../../../src/backup/writer.js';
 import { silentLogger } from '../../../src/log.js';
 import { BufferSource, pseudoRandomBytes } from '../../helpers/buffer-source.js';
 import { chunkRecordLocation, chunkStoreFiles, listChunkRecords, listStoredChunks, readChunkRecord } from '../../helpers/chunk-store.js';
+import { readWholePoint } from '../../helpers/repo.js';
 
 const CHUNK = 64 * 1024;
 /** A random chunk's record: stored as it is (deflate would not make it smaller). */
@@ -62,14 +63,7 @@ async function backup(vm: string, img: Buffer): Promise<string> {
   return (await backupSource(repo, new BufferSource(img, vm), { vm, chunkSize: CHUNK, logger: silentLogger() })).info.id;
 }
 
-async function readAll(vm: string, id: string): Promise<Buffer> {
-  const reader = await openRestorePoint(repo, vm, id);
-  try {
-    return await reader.read(0, reader.imageSize);
-  } finally {
-    await reader.close();
-  }
-}
+const readAll = (vm: string, id: string): Promise<Buffer> => readWholePoint(repo, vm, id);
 
 /** Set every pack's mtime an hour back: older than any gc cutoff of this test. */
 async function agePacks(): Promise<Date> {
