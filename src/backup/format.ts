@@ -19,9 +19,9 @@ export const CHUNK_HEADER_SIZE = 24;
 
 export const enum ChunkCompression {
   None = 0,
-  /** Raw DEFLATE (RFC 1951). Written on the encoder pool's worker threads, read via node:zlib's async API. */
+  /** Raw DEFLATE (RFC 1951). Encoded and decoded on the chunk workers (src/backup/chunk-workers.ts). */
   Deflate = 1,
-  /** Brotli (RFC 7932). Written on the encoder pool's worker threads, read via node:zlib's async API. */
+  /** Brotli (RFC 7932). Encoded and decoded on the chunk workers (src/backup/chunk-workers.ts). */
   Brotli = 2,
 }
 
@@ -96,8 +96,8 @@ export interface EncodeOptions {
 
 /**
  * Build a chunk file: 24-byte header (magic, version, compression, uncompressed length, stored
- * length, CRC32 of the stored payload) followed by the payload. Compression runs on the encoder
- * pool's worker threads (src/backup/chunk-workers.ts), off the event loop.
+ * length, CRC32 of the stored payload) followed by the payload. Compression runs on the chunk
+ * workers (src/backup/chunk-workers.ts), off the event loop.
  */
 export async function encodeChunk(data: Buffer, options: EncodeOptions = {}): Promise<EncodedChunk> {
   const parts = await encodeChunkParts(data, options);

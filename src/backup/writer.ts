@@ -67,7 +67,7 @@ export interface WriteOptions {
   readonly concurrency?: number;
   /** Try to compress each chunk (default true). */
   readonly compress?: boolean;
-  /** Codec of new compressed chunks (default deflate, docs/repository-format.md "Codec choice"). */
+  /** Codec of new compressed chunks (default brotli, docs/repository-format.md "Codec choice"). */
   readonly codec?: ChunkCodec;
   /** Codec level: brotli 0–11 (default 2), deflate 1–9 (default 1). */
   readonly compressionLevel?: number;

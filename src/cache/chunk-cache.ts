@@ -289,8 +289,8 @@ export class ChunkCache {
     try {
       const data = await load(scratch);
       this.counters.bytesDecompressed += data.length;
-      // The loader either read the chunk into `scratch` (the entry owns it now) or returned a buffer of
-      // its own (a deflated chunk): then `scratch` was only read into and is free again.
+      // The loader either put the chunk into `scratch` (the entry owns it now) or returned a buffer of
+      // its own (a loader that does not use it): then `scratch` is free again.
       const owned = scratch !== undefined && data.buffer === scratch.buffer;
       if (scratch !== undefined && !owned) this.putFree(scratch);
       const entry: CacheEntry = { data, slot: owned ? scratch : undefined, loadedBy: mount, users: new Set([mount]), prefetched };

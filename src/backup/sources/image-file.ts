@@ -1,6 +1,9 @@
 import { open, readFile, type FileHandle } from 'node:fs/promises';
 import { SourceError } from '../errors.js';
 
+/** Reads within this many ms of a check that found the file unchanged do not check again. */
+const RECHECK_MS = 50;
+
 /**
  * One file of a disk image (the image itself, an extent, a backing file), opened read-only.
  * Records size and mtime at open: reads check (fstat) that the file has not changed since, and the
@@ -8,9 +11,6 @@ import { SourceError } from '../errors.js';
  * versions of a disk without noticing. Reads share one fstat per RECHECK_MS instead of one each
  * (a 64 KiB-chunk backup of 1 GiB made 16,384 of them, one thread-pool round trip apiece).
  */
-/** Reads within this many ms of a check that found the file unchanged do not check again. */
-const RECHECK_MS = 50;
-
 export class ImageFile {
   private closed = false;
   /** performance.now() of the last check that found the file unchanged. */
