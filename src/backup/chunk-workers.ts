@@ -371,12 +371,6 @@ export class ChunkWorkerPool {
     return data;
   }
 
-  /** Stop the workers (pending jobs fail). */
-  async close(): Promise<void> {
-    const workers = this.workers.splice(0);
-    await Promise.all(workers.map((w) => w.worker.terminate()));
-  }
-
   private submit(message: EncodeMessage | DecodeMessage, transfer: ArrayBuffer[]): Promise<WorkerResult> {
     return new Promise((settle, reject) => {
       this.queue.push({ message, transfer, settle, reject });
