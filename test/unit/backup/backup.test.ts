@@ -1,7 +1,6 @@
 import { promises as fsp } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { backupSource } from '../../../src/backup/engine.js';
 import { CorruptChunkError, RepositoryError, SourceError } from '../../../src/backup/errors.js';
 import { exportRestorePoint } from '../../../src/backup/export.js';
@@ -14,17 +13,15 @@ import { silentLogger } from '../../../src/log.js';
 import { BufferSource, pseudoRandomBytes } from '../../helpers/buffer-source.js';
 import { chunkStoreFiles, corruptChunk, listStoredChunks } from '../../helpers/chunk-store.js';
 import { readWholePoint } from '../../helpers/repo.js';
+import { freshDirPerTest } from '../../helpers/per-test-dir.js';
 
 const CHUNK = 64 * 1024;
 
 let dir: string;
 let repo: string;
-beforeEach(async () => {
-  dir = await fsp.mkdtemp(join(tmpdir(), 'bootrestore-backup-unit-'));
+freshDirPerTest('backup-unit', (path) => {
+  dir = path;
   repo = join(dir, 'repo');
-});
-afterEach(async () => {
-  await fsp.rm(dir, { recursive: true, force: true });
 });
 
 /** 40 chunks of 64 KiB + 1000 bytes: random, zero, text and repeated regions. */

@@ -6,10 +6,9 @@
  * their repositories are created with `chunkStore: 'files'` (new repositories default to packs).
  */
 import { promises as fsp } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { crc32, deflateRawSync } from 'node:zlib';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { backupSource } from '../../../src/backup/engine.js';
 import { CorruptChunkError, RepositoryError } from '../../../src/backup/errors.js';
 import { CHUNK_HEADER_SIZE, CHUNK_MAGIC, ChunkCompression, MAX_CHUNK_SIZE, decodeChunk, sha256 } from '../../../src/backup/format.js';
@@ -19,17 +18,15 @@ import { silentLogger } from '../../../src/log.js';
 import { BufferSource, pseudoRandomBytes } from '../../helpers/buffer-source.js';
 import { listChunkRecords, readChunkRecord } from '../../helpers/chunk-store.js';
 import { readWholePoint } from '../../helpers/repo.js';
+import { freshDirPerTest } from '../../helpers/per-test-dir.js';
 
 const CHUNK = 64 * 1024;
 
 let dir: string;
 let repo: string;
-beforeEach(async () => {
-  dir = await fsp.mkdtemp(join(tmpdir(), 'bootrestore-fast-paths-'));
+freshDirPerTest('fast-paths', (path) => {
+  dir = path;
   repo = join(dir, 'repo');
-});
-afterEach(async () => {
-  await fsp.rm(dir, { recursive: true, force: true });
 });
 
 /** 12 chunks: 4 random, 2 zero, 4 distinct text chunks, 2 copies of chunk 0, plus a short tail. */

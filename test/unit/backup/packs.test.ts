@@ -5,9 +5,8 @@
  * Small images of 64 KiB chunks; random chunks are stored as they are (records of 24 + 65536 bytes).
  */
 import { promises as fsp } from 'node:fs';
-import { tmpdir } from 'node:os';
 import { join, relative } from 'node:path';
-import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { backupSource } from '../../../src/backup/engine.js';
 import { CorruptChunkError, RepositoryError } from '../../../src/backup/errors.js';
 import { exportRestorePoint } from '../../../src/backup/export.js';
@@ -22,6 +21,7 @@ import { silentLogger } from '../../../src/log.js';
 import { BufferSource, pseudoRandomBytes } from '../../helpers/buffer-source.js';
 import { chunkRecordLocation, chunkStoreFiles, listChunkRecords, listStoredChunks, readChunkRecord } from '../../helpers/chunk-store.js';
 import { readWholePoint } from '../../helpers/repo.js';
+import { freshDirPerTest } from '../../helpers/per-test-dir.js';
 
 const CHUNK = 64 * 1024;
 /** A random chunk's record: stored as it is (deflate would not make it smaller). */
@@ -29,12 +29,9 @@ const RAW_RECORD = CHUNK_HEADER_SIZE + CHUNK;
 
 let dir: string;
 let repo: string;
-beforeEach(async () => {
-  dir = await fsp.mkdtemp(join(tmpdir(), 'bootrestore-packs-'));
+freshDirPerTest('packs', (path) => {
+  dir = path;
   repo = join(dir, 'repo');
-});
-afterEach(async () => {
-  await fsp.rm(dir, { recursive: true, force: true });
 });
 
 function chunkOf(img: Buffer, i: number): Buffer {
