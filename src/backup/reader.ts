@@ -52,9 +52,9 @@ async function readPackedChunk(repo: Repository, request: Omit<DecodeRequest, 'f
       const hint = unreadable.length === 0 ? '' : `; unreadable packs: ${unreadable.join('; ')}${more}`;
       throw new CorruptChunkError(hex, `chunk is missing (no readable pack holds it)${hint}`, store.dir);
     }
-    const path = packRecordPath(repo, location);
     if (location.length > CHUNK_HEADER_SIZE + request.expectedLength) {
-      throw new CorruptChunkError(hex, `record of ${location.length} bytes is longer than a chunk of ${request.expectedLength} bytes can be`, path);
+      const reason = `record of ${location.length} bytes is longer than a chunk of ${request.expectedLength} bytes can be`;
+      throw new CorruptChunkError(hex, reason, packRecordPath(repo, location));
     }
     try {
       return await chunkWorkers().decode({ ...request, from: { kind: 'record', path: store.packPath(location.pack), offset: location.offset, length: location.length } });
@@ -64,7 +64,7 @@ async function readPackedChunk(repo: Repository, request: Omit<DecodeRequest, 'f
         store.forgetPack(location.pack);
         continue;
       }
-      throw new CorruptChunkError(hex, err.reason, path);
+      throw new CorruptChunkError(hex, err.reason, packRecordPath(repo, location));
     }
   }
 }
