@@ -327,6 +327,11 @@ export class ChunkWorkerPool {
 
   constructor(private readonly threads = defaultChunkWorkerThreads()) {}
 
+  /** Start every worker now instead of on first use (they stay unref'd while idle). */
+  start(): void {
+    while (this.workers.length < this.threads) this.startWorker();
+  }
+
   /** Encode one chunk; `data` is copied (the caller keeps its buffer). */
   async encode(data: Buffer, request: EncodeRequest): Promise<EncodedPayload> {
     // A copy the worker can own (its own memory, not zero-filled first): transferring it costs

@@ -160,6 +160,12 @@ class RepositoryRestorePoint implements RestorePointReader {
 export interface OpenOptions {
   /** Chunks loaded at once by read() (default 8). */
   readonly readConcurrency?: number;
+  /**
+   * Get ready for the first read now rather than on it: load the pack map ("packs" store) and
+   * start the chunk workers. A mount does this, so its first reads (a booting VM's) do not wait
+   * for a scan of every pack and for worker threads to start.
+   */
+  readonly prepare?: boolean;
 }
 
 /** Open a restore point ('latest' = newest of the VM). Loads only its index; chunks on demand. */
@@ -172,6 +178,11 @@ export async function openRestorePoint(
   const repo = await Repository.open(repoDir);
   const id = await repo.resolvePointId(vm, pointId);
   const index = await repo.readIndex(vm, id);
+  if (options.prepare === true) {
+    chunkWorkers().start();
+    // A pack that cannot be read is not an error here: its chunks' reads fail and name it.
+    if (repo.chunkStore === 'packs') await repo.packs.ensureLoaded();
+  }
   return new RepositoryRestorePoint(repo, index, options.readConcurrency ?? 8);
 }
 

@@ -183,7 +183,7 @@ export class MountManager {
 
   /** Open the device and attach it; a new mount that fails leaves nothing behind on disk. */
   private async open(record: MountRecord, isNew: boolean): Promise<MountInfo> {
-    const reader = await openRestorePoint(this.repository, record.vm, record.point);
+    const reader = await openRestorePoint(this.repository, record.vm, record.point, { prepare: true });
     let device: BackupBlockDevice;
     try {
       const deltaDir = record.readOnly || !this.deltaDir ? null : join(this.deltaDir, record.name, 'delta');

@@ -487,6 +487,33 @@ describe('readers and packs that appear or move', () => {
     expect((await readAll('a', p2)).equals(b)).toBe(true);
   });
 
+  it('a reader opened with prepare loads the pack map at open; one without it scans on its first read', async () => {
+    const img = pseudoRandomBytes(4 * CHUNK, 81);
+    const id = await backup('a', img);
+    const [pack] = await chunkStoreFiles(repo);
+    const prepared = await openRestorePoint(repo, 'a', id, { prepare: true });
+    const lazy = await openRestorePoint(repo, 'a', id);
+    try {
+      // Break the pack's entry table (its records stay intact): only a scan from now on sees it.
+      const handle = await fsp.open(pack!, 'r+');
+      try {
+        const { size } = await handle.stat();
+        await handle.write(Buffer.from([0x01]), 0, 1, size - PACK_FOOTER_SIZE - 1);
+      } finally {
+        await handle.close();
+      }
+      // The prepared reader knew where the records are before the damage and reads them.
+      expect((await prepared.loadChunk(2)).equals(chunkOf(img, 2))).toBe(true);
+      // The lazy one scans now, finds the table unreadable and reports the chunk missing.
+      const err = await lazy.loadChunk(2).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(CorruptChunkError);
+      expect((err as CorruptChunkError).reason).toMatch(/CRC32 of the entry table does not match/);
+    } finally {
+      await prepared.close();
+      await lazy.close();
+    }
+  });
+
   it('a chunk in a pack written after the index was loaded is found by a rescan', async () => {
     await backup('a', pseudoRandomBytes(4 * CHUNK, 71));
     const r = await Repository.open(repo);
