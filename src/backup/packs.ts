@@ -141,8 +141,9 @@ export class PackStore {
 
   constructor(readonly dir: string) {}
 
+  /** `pack` is a name under packs/ ("ab/ab….pack"); a plain concatenation (once per chunk read). */
   packPath(pack: string): string {
-    return join(this.dir, pack);
+    return `${this.dir}/${pack}`;
   }
 
   /** Packs whose trailer could not be read at the last scan → why (their chunks count as missing). */

@@ -42,7 +42,8 @@ async function readPackedChunk(repo: Repository, request: Omit<DecodeRequest, 'f
   for (let attempt = 0; ; attempt++) {
     let location: ChunkLocation | undefined;
     try {
-      location = await store.locate(hex);
+      // Known chunks (every one after the first scan) are found without a promise.
+      location = (attempt === 0 ? store.lookup(hex) : undefined) ?? (await store.locate(hex));
     } catch (err) {
       throw new CorruptChunkError(hex, `cannot read the pack index: ${err instanceof Error ? err.message : String(err)}`, store.dir);
     }
