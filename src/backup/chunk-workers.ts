@@ -255,7 +255,9 @@ function decode(job, transfer) {
     data = payload;
   } else if (compression === 1 || compression === 2) {
     const brotli = compression === 2;
-    const limits = { maxOutputLength: Math.max(1, uncompressedLength) };
+    // One output buffer of the chunk's size (chunkSize): the default 16 KiB pieces would be
+    // allocated one by one and then concatenated, a second copy of the whole chunk.
+    const limits = { maxOutputLength: Math.max(1, uncompressedLength), chunkSize: Math.max(64, uncompressedLength) };
     try {
       data = brotli ? zlib.brotliDecompressSync(payload, limits) : zlib.inflateRawSync(payload, limits);
     } catch (err) {
@@ -313,6 +315,8 @@ interface Job {
 
 interface PoolWorker {
   readonly worker: Worker;
+  /** Settles when the thread runs JavaScript (or has failed to start: its jobs fail then). */
+  readonly online: Promise<void>;
   /** Jobs of the batch the worker is working on (null: idle). */
   running: Job[] | null;
 }
@@ -327,9 +331,20 @@ export class ChunkWorkerPool {
 
   constructor(private readonly threads = defaultChunkWorkerThreads()) {}
 
-  /** Start every worker now instead of on first use (they stay unref'd while idle). */
-  start(): void {
+  /**
+   * Start every worker now instead of on first use (they stay unref'd while idle); resolves once
+   * each runs JavaScript, so their start-up (~tens of ms of CPU each) is over before the caller
+   * reports ready rather than competing with its first reads.
+   */
+  async start(): Promise<void> {
     while (this.workers.length < this.threads) this.startWorker();
+    // Referenced while starting: a caller awaiting this keeps the process alive.
+    for (const w of this.workers) w.worker.ref();
+    try {
+      await Promise.all(this.workers.map((w) => w.online));
+    } finally {
+      for (const w of this.workers) if (w.running === null) w.worker.unref();
+    }
   }
 
   /** Encode one chunk; `data` is copied (the caller keeps its buffer). */
@@ -412,7 +427,12 @@ export class ChunkWorkerPool {
       eval: true,
       workerData: { minSaving: MIN_SAVING, headerSize: CHUNK_HEADER_SIZE, magic: CHUNK_MAGIC, version: CHUNK_FORMAT_VERSION },
     });
-    const entry: PoolWorker = { worker, running: null };
+    const online = new Promise<void>((resolve) => {
+      worker.once('online', resolve);
+      worker.once('error', () => resolve());
+      worker.once('exit', () => resolve());
+    });
+    const entry: PoolWorker = { worker, online, running: null };
     worker.on('message', (message: { results: WorkerResult[] }) => {
       const jobs = entry.running ?? [];
       entry.running = null;

@@ -180,9 +180,8 @@ export async function openRestorePoint(
   const id = await repo.resolvePointId(vm, pointId);
   const index = await repo.readIndex(vm, id);
   if (options.prepare === true) {
-    chunkWorkers().start();
     // A pack that cannot be read is not an error here: its chunks' reads fail and name it.
-    if (repo.chunkStore === 'packs') await repo.packs.ensureLoaded();
+    await Promise.all([chunkWorkers().start(), repo.chunkStore === 'packs' ? repo.packs.ensureLoaded() : undefined]);
   }
   return new RepositoryRestorePoint(repo, index, options.readConcurrency ?? 8);
 }
