@@ -22,6 +22,7 @@ import { parseArgs } from 'node:util';
 import { trackChild, waitForExit } from '../test/helpers/exec.js';
 import { runIscsiPerf, type PerfResult } from '../test/helpers/libiscsi.js';
 import { startTgt, type TgtTarget } from '../test/helpers/tgt.js';
+import { median } from './stats.js';
 
 interface Workload {
   name: 'seq-1MiB-qd8' | 'rand-4KiB-qd32';
@@ -158,12 +159,6 @@ async function startBootrestore(file: string, dir: string): Promise<RunningTarge
       }
     },
   };
-}
-
-function median(values: number[]): number {
-  const sorted = [...values].sort((a, b) => a - b);
-  const mid = sorted.length >> 1;
-  return sorted.length % 2 ? sorted[mid]! : (sorted[mid - 1]! + sorted[mid]!) / 2;
 }
 
 async function main(): Promise<number> {
