@@ -170,8 +170,10 @@ export class BackupBlockDevice implements BlockDevice {
     this.checkRange(lba, blocks);
     this.metrics.readsInFlight++;
     try {
+      // The read's own loads are queued first, then the read-ahead it triggers.
+      const reading = readBytes(start, length);
       this.noteRead(start, start + length);
-      const result = await readBytes(start, length);
+      const result = await reading;
       this.metrics.reads++;
       this.metrics.bytesRead += length;
       return result;
@@ -548,11 +550,16 @@ export class BackupBlockDevice implements BlockDevice {
     const to = Math.min(this.chunkCount - 1, lastChunk + this.readAheadChunks);
     for (let index = Math.max(lastChunk + 1, this.prefetchedUpTo + 1); index <= to; index++) {
       const digest = this.reader.chunkDigest(index);
-      if (digest === null) continue;
-      const key = this.keyFor(index, digest);
-      if (this.cache.prefetch(key, this.mountId, this.loaderFor(index, digest, key), this.loadBufferBytes(index))) this.metrics.readAheadChunks++;
+      if (digest !== null) {
+        const key = this.keyFor(index, digest);
+        const outcome = this.cache.prefetch(key, this.mountId, this.loaderFor(index, digest, key), this.loadBufferBytes(index));
+        // No slot free: the next read of the stream goes on from this chunk (else it would be a hole
+        // in the window that the stream later misses).
+        if (outcome === 'busy') return;
+        if (outcome === 'started') this.metrics.readAheadChunks++;
+      }
+      this.prefetchedUpTo = index;
     }
-    if (to > this.prefetchedUpTo) this.prefetchedUpTo = to;
   }
 }
 

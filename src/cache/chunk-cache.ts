@@ -24,6 +24,9 @@ import type { Logger } from '../log.js';
  */
 export type ChunkLoader = (into: Buffer | undefined) => Promise<Buffer>;
 
+/** What `ChunkCache.prefetch` did: started a load, found the chunk cached or loading, or had no slot. */
+export type PrefetchOutcome = 'started' | 'present' | 'busy';
+
 export interface ChunkCacheOptions {
   /** Upper bound of cached bytes (decompressed chunk lengths). */
   readonly maxBytes: number;
@@ -85,6 +88,8 @@ export class ChunkCache {
   private readonly lru: LRUCache<string, CacheEntry>;
   private readonly inFlight = new Map<string, Promise<Buffer>>();
   private readonly maxConcurrentLoads: number;
+  /** Loads running at once beyond which no prefetch starts (the rest are kept for demand loads). */
+  private readonly maxPrefetchLoads: number;
   private runningLoads = 0;
   private readonly loadQueue: Array<() => void> = [];
   private readonly logger: Logger;
@@ -121,6 +126,7 @@ export class ChunkCache {
     if (!(options.maxBytes > 0)) throw new RangeError(`chunk cache size must be > 0 (got ${options.maxBytes})`);
     this.maxBytes = options.maxBytes;
     this.maxConcurrentLoads = Math.max(1, options.maxConcurrentLoads ?? 16);
+    this.maxPrefetchLoads = this.maxConcurrentLoads - Math.floor(this.maxConcurrentLoads / 4);
     this.logger = options.logger;
     this.maxFreeBuffers = this.maxConcurrentLoads + 2;
     this.lru = new LRUCache<string, CacheEntry>({
@@ -166,19 +172,25 @@ export class ChunkCache {
 
   /**
    * Start loading a chunk in the background if it is neither cached nor loading and a load slot is
-   * free (prefetch never queues behind demand loads). Returns whether a load was started.
+   * free: 'started'; 'present' if it is cached or loading; 'busy' if prefetches may not start now.
+   * Prefetch never queues, and it leaves a quarter of the load slots to demand loads, so a read
+   * that misses does not wait for a full window of read-ahead to finish first.
    */
-  prefetch(key: string, mount: string, load: ChunkLoader, bufferBytes = 0): boolean {
-    if (this.lru.has(key) || this.inFlight.has(key) || this.runningLoads >= this.maxConcurrentLoads) {
+  prefetch(key: string, mount: string, load: ChunkLoader, bufferBytes = 0): PrefetchOutcome {
+    if (this.lru.has(key) || this.inFlight.has(key)) {
       this.counters.prefetchSkipped++;
-      return false;
+      return 'present';
+    }
+    if (this.runningLoads >= this.maxPrefetchLoads) {
+      this.counters.prefetchSkipped++;
+      return 'busy';
     }
     this.counters.prefetchLoads++;
     this.startLoad(key, mount, load, true, bufferBytes).catch((err: unknown) => {
       // The demand read of this chunk (if any) reports the error; a failed prefetch only logs.
       this.logger.debug({ err, chunk: key }, 'prefetch failed');
     });
-    return true;
+    return 'started';
   }
 
   /**

@@ -209,6 +209,30 @@ describe('read-ahead', () => {
     }
   });
 
+  it('leaves no holes when loads are saturated: the stream goes on prefetching from the first chunk it could not start', async () => {
+    const point = await FakeRestorePoint.create({ imageSize: 8 * MiB, chunkSize, content: (i, len) => patternBytes(len, 700 + i) });
+    // 4 load slots: at most 3 prefetches at once (one is kept for demand loads), read-ahead 8 chunks.
+    const cache = new ChunkCache({ maxBytes: 64 * MiB, maxConcurrentLoads: 4, logger: silentLogger() });
+    const dev = await device(point, cache, 'holes', 8);
+    try {
+      const step = 128;
+      for (let lba = 0; lba < 16 * blocksPerChunk; lba += step) {
+        expect((await dev.read(lba, step)).equals(await point.read(lba * 512, step * 512))).toBe(true);
+        // Let the started loads finish (the fake decompresses on the thread pool).
+        for (let i = 0; i < 4 && cache.stats().loadsInFlight > 0; i++) await new Promise((r) => setTimeout(r, 5));
+        expect(cache.stats().loadsInFlight).toBe(0);
+      }
+      // Only the stream's first two chunks were demand misses (read-ahead starts once a stream spans
+      // two chunks): every later chunk had been prefetched, although each read could start at most
+      // 3 of the 8 chunks of its window.
+      expect(dev.metrics.cacheMisses).toBe(2);
+      expect(cache.stats().prefetchLoads).toBeGreaterThanOrEqual(15);
+      expect(cache.stats().loadsInFlight).toBeLessThanOrEqual(4);
+    } finally {
+      await dev.close();
+    }
+  });
+
   it('does not prefetch on random reads, nor on a single large read', async () => {
     const point = await FakeRestorePoint.create({ imageSize: 8 * MiB, chunkSize, content: (i, len) => patternBytes(len, 900 + i) });
     const cache = new ChunkCache({ maxBytes: 64 * MiB, logger: silentLogger() });
