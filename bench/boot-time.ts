@@ -7,7 +7,7 @@
  *                (a fresh server per boot: cold chunk cache; writes go to a delta)
  * Reported per boot: host ms until /init printed its marker, the guest's uptime then (so
  * "pre-kernel" = BIOS + syslinux loading ~19 MB through int13), and host ms until DONE.
- * Run: scripts/bench.sh boot-time [--rounds N] [--chunk-size 64K] [--only a,b] [--json FILE]
+ * Run: scripts/bench.sh boot-time [--rounds N] [--chunk-size SIZE (default: the backup default)] [--only a,b] [--json FILE]
  */
 import { copyFile, mkdtemp, rm, writeFile } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
@@ -25,7 +25,7 @@ const ALL_SOURCES: readonly Source[] = ['file', 'tgt', 'br-file', 'br-backup'];
 const { values: options } = parseArgs({
   options: {
     rounds: { type: 'string', default: '1' },
-    'chunk-size': { type: 'string', default: '64K' },
+    'chunk-size': { type: 'string' },
     only: { type: 'string' },
     'timeout-s': { type: 'string', default: '300' },
     json: { type: 'string' },
@@ -65,9 +65,10 @@ async function main(): Promise<number> {
     let repo: string | undefined;
     if (sources.includes('br-backup')) {
       repo = join(dir, 'repo');
-      await runChecked(process.execPath, [CLI, 'backup', image.image, '--repo', repo, '--vm', 'bootvm', '--chunk-size', options['chunk-size']], { timeoutMs: 300_000 });
+      const chunkSize = options['chunk-size'] !== undefined ? ['--chunk-size', options['chunk-size']] : [];
+      await runChecked(process.execPath, [CLI, 'backup', image.image, '--repo', repo, '--vm', 'bootvm', ...chunkSize], { timeoutMs: 300_000 });
     }
-    say(`boot-time: image ${image.manifest.key}, ${rounds} round(s), backup chunk size ${options['chunk-size']}`);
+    say(`boot-time: image ${image.manifest.key}, ${rounds} round(s), backup chunk size ${options['chunk-size'] ?? 'default'}`);
     for (let round = 0; round < rounds; round++) {
       for (const source of sources) {
         const disk = join(dir, `${source}-${round}.img`);
@@ -118,7 +119,7 @@ async function main(): Promise<number> {
         );
       }
     }
-    if (options.json) await writeFile(options.json, JSON.stringify({ rounds, chunkSize: options['chunk-size'], measurements }, null, 2));
+    if (options.json) await writeFile(options.json, JSON.stringify({ rounds, chunkSize: options['chunk-size'] ?? 'default', measurements }, null, 2));
     return measurements.every((m) => m.ok) ? 0 : 1;
   } finally {
     await rm(dir, { recursive: true, force: true });
