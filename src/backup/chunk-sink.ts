@@ -78,7 +78,6 @@ export class FileChunkSink implements ChunkSink {
     return exists;
   }
 
-
   async put(hex: string, header: Buffer, payload: Buffer): Promise<void> {
     const dir = this.repo.chunkDir(hex);
     // gc never removes prefix directories: one listed at the start still exists.

@@ -7,7 +7,6 @@ import { ChunkDecodeFailure, chunkWorkers, type DecodeRequest } from './chunk-wo
 import { CorruptChunkError, RepositoryError } from './errors.js';
 import type { RestorePointInfo } from './types.js';
 
-
 // ---------------------------------------------------------------------------------------------
 // Chunk files
 // ---------------------------------------------------------------------------------------------
