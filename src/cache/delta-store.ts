@@ -7,12 +7,14 @@
  *   <dir>/journal  append-only records (extent, state, per-sector CRCs of written data) with CRC,
  *                  written before a write is acknowledged; replayed over the checkpoint on open
  *
- * Ordering: data is written to the data file before its journal record; FLUSH (SYNCHRONIZE CACHE,
- * SBC-3 5.22) = fdatasync(data) then a barrier record then fdatasync(journal). A FUA write (SBC-3 5.41,
- * FUA bit) fdatasyncs its data before its record and the journal after. A unit that an unflushed
- * record brought into the delta is only replayed if its sectors hold data of that or a later write
- * (sector CRCs), so after a crash each block reads its old or its new content, never a hole where a
- * read-modify-write fill was lost.
+ * Ordering: a write's journal record (with the CRC of every sector it writes) reaches the journal file
+ * before its data reaches the data file, so no data lands in the data file without a record that
+ * recovery can check it against. FLUSH (SYNCHRONIZE CACHE, SBC-3 5.22) = fdatasync(data) then a
+ * barrier record covering the records whose data was written, then fdatasync(journal). A FUA write
+ * (SBC-3 5.41, FUA bit) fdatasyncs data and journal before it is acknowledged. A unit that an
+ * unflushed record brought into the delta is only replayed if its sectors hold data of that or a later
+ * write (sector CRCs), so after a crash each block reads its old or its new content, never a hole where
+ * a read-modify-write fill was lost.
  */
 import { constants as fsConstants, promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
@@ -36,7 +38,10 @@ export const RECORD_SIZE = 32;
 const RECORD_PRESENT = 1;
 const RECORD_ZERO = 2;
 const RECORD_BARRIER = 3;
-/** Record flag: the record's data was fdatasync'ed before the record was written (FUA write). */
+/**
+ * Record flag of older versions: the record's data was fdatasync'ed before the record was written
+ * (FUA write). Not written any more; such records in a journal are still trusted on recovery.
+ */
 const FLAG_DATA_DURABLE = 1;
 /** A present record carries one CRC per sector; more sectors than this in one record means garbage. */
 const MAX_PRESENT_RECORD_SECTORS = 1 << 20;
@@ -109,6 +114,12 @@ export class DeltaStore {
   private readonly checkpointJournalBytes: number;
   private readonly locks = new RangeLock();
   private nextSeq: number;
+  /**
+   * Present records whose data write has not completed (or failed): a barrier only covers records
+   * below the smallest of them. Failed ones stay until the next checkpoint, which supersedes them.
+   */
+  private readonly dataNotWritten = new Set<number>();
+  private dataWriteFailed = false;
   private journalEnd = 0;
   private pendingAppends: PendingAppend[] = [];
   private appending = false;
@@ -298,12 +309,13 @@ export class DeltaStore {
     await this.enter();
     let checkpointDue = false;
     try {
-      const coversSeq = this.nextSeq - 1;
+      const coversSeq = this.lastSeqWithData();
       await this.syncData();
       await this.appendRecord(RECORD_BARRIER, 0, coversSeq, 0);
       await this.syncJournal();
       this.counters.flushes++;
-      checkpointDue = this.journalEnd >= this.checkpointJournalBytes;
+      // A failed data write keeps later records out of every barrier until a checkpoint supersedes it.
+      checkpointDue = this.journalEnd >= this.checkpointJournalBytes || this.dataWriteFailed;
     } finally {
       this.leave();
     }
@@ -329,6 +341,9 @@ export class DeltaStore {
       this.checkUsable();
       await this.syncData();
       await writeMapFile(this.dir, encodeMap(this.map, this.unitSize, this.sizeBytes, this.nextSeq - 1));
+      // No write is running: what is left are records of failed data writes, which the map leaves out.
+      this.dataNotWritten.clear();
+      this.dataWriteFailed = false;
       // A crash before this truncate leaves records ≤ lastSeq in the journal: replay skips them.
       await this.journalFile.truncate(0);
       await this.journalFile.sync();
@@ -400,11 +415,19 @@ export class DeltaStore {
         data.copy(extent, offset - extentStart);
         if (tailFill) await this.fillFromOld(extent, end - extentStart, end, extentEnd - end, endUnit - 1, readBase);
       }
-      await this.pwriteData(extent, extentStart);
-      if (fua) await this.syncData();
-      await this.appendRecord(RECORD_PRESENT, fua ? FLAG_DATA_DURABLE : 0, extentStart / SECTOR, extent.length / SECTOR, sectorCrcsOf(extent));
+      // The record first: data in the data file always has a record that recovery checks it against.
+      const seq = this.nextSeq++;
+      this.dataNotWritten.add(seq);
+      await this.appendRecord(RECORD_PRESENT, 0, extentStart / SECTOR, extent.length / SECTOR, sectorCrcsOf(extent), seq);
+      try {
+        await this.pwriteData(extent, extentStart);
+      } catch (err) {
+        this.dataWriteFailed = true; // seq stays in dataNotWritten: no barrier may cover it
+        throw err;
+      }
+      this.dataNotWritten.delete(seq);
+      if (fua) await Promise.all([this.syncData(), this.syncJournal()]);
       this.map.setRange(firstUnit, endUnit, UNIT_PRESENT);
-      if (fua) await this.syncJournal();
       this.counters.writes++;
       this.counters.bytesWritten += data.length;
     } finally {
@@ -451,9 +474,20 @@ export class DeltaStore {
     }
   }
 
-  /** Append one record; records reach the file in sequence order (batched into one write when queued). */
-  private appendRecord(type: number, flags: number, first: number, blocks: number, sectorCrcs?: Uint32Array): Promise<void> {
-    const record = encodeRecord({ type, flags, seq: this.nextSeq++, first, blocks, ...(sectorCrcs !== undefined ? { sectorCrcs } : {}) });
+  /** The highest seq such that every present record up to it has its data in the data file. */
+  private lastSeqWithData(): number {
+    let covered = this.nextSeq - 1;
+    for (const seq of this.dataNotWritten) if (seq <= covered) covered = seq - 1;
+    return covered;
+  }
+
+  /**
+   * Append one record; records reach the file in sequence order (batched into one write when queued).
+   * `seq` defaults to the next one; a caller that takes it itself must append without awaiting anything
+   * in between, so the queue stays in sequence order.
+   */
+  private appendRecord(type: number, flags: number, first: number, blocks: number, sectorCrcs?: Uint32Array, seq = this.nextSeq++): Promise<void> {
+    const record = encodeRecord({ type, flags, seq, first, blocks, ...(sectorCrcs !== undefined ? { sectorCrcs } : {}) });
     return new Promise<void>((resolve, reject) => {
       this.pendingAppends.push({ record, resolve, reject });
       if (!this.appending) void this.pumpAppends();
@@ -532,18 +566,23 @@ export class DeltaStore {
     for (const rec of records) if (rec.type === RECORD_BARRIER) trustedSeq = Math.max(trustedSeq, rec.first);
     const isTrusted = (rec: JournalRecord): boolean => rec.seq <= trustedSeq || (rec.flags & FLAG_DATA_DURABLE) !== 0;
 
-    // Unflushed present records: for each sector they wrote, the CRCs it may legitimately hold
-    // (written by that record or a later one), and the CRC of what the data file holds now.
-    const candidates = new Map<number, Array<{ seq: number; crc: number }>>();
+    // For each sector written by an unflushed present record: the CRC of what the data file holds now,
+    // and the CRCs it may legitimately hold (those of every present record that wrote it; a unit is
+    // checked against the ones of its record's seq or later, trusted records included).
     const onDisk = new Map<number, number>();
     for (const rec of records) {
       if (rec.type !== RECORD_PRESENT || isTrusted(rec) || !this.extentInside(rec)) continue;
       const content = Buffer.allocUnsafe(rec.blocks * SECTOR);
       await this.readInto(content, 0, content.length, rec.first * SECTOR);
       const actual = sectorCrcsOf(content);
+      for (let i = 0; i < rec.blocks; i++) onDisk.set(rec.first + i, actual[i]!);
+    }
+    const candidates = new Map<number, Array<{ seq: number; crc: number }>>();
+    for (const rec of records) {
+      if (rec.type !== RECORD_PRESENT || !this.extentInside(rec)) continue;
       for (let i = 0; i < rec.blocks; i++) {
         const sector = rec.first + i;
-        onDisk.set(sector, actual[i]!);
+        if (!onDisk.has(sector)) continue;
         let list = candidates.get(sector);
         if (list === undefined) candidates.set(sector, (list = []));
         list.push({ seq: rec.seq, crc: rec.sectorCrcs![i]! });

@@ -4,6 +4,7 @@
  * for damaged or mismatched files.
  */
 import { cp, mkdtemp, open, readFile, rm, stat, writeFile } from 'node:fs/promises';
+import type { FileHandle } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -95,6 +96,102 @@ describe('DeltaStore', () => {
     }
   });
 
+  it('a kill before or after any file write of a write keeps every acknowledged write and tears nothing', async () => {
+    const dir = join(scratch, 'steps');
+    const store = await DeltaStore.open({ dir, sizeBytes: SIZE, logger });
+    // Snapshot the files before and after every write to the data file or the journal: each copy is
+    // what a kill -9 at that moment leaves (the page cache keeps what was written).
+    const files = store as unknown as { dataFile: FileHandle; journalFile: FileHandle };
+    const snapshots: Array<{ dir: string; acked: number }> = [];
+    let acked = 0;
+    const snapshot = async (): Promise<void> => {
+      const copy = join(scratch, `steps-${snapshots.length}`);
+      await cp(dir, copy, { recursive: true });
+      snapshots.push({ dir: copy, acked });
+    };
+    for (const fh of [files.dataFile, files.journalFile]) {
+      const write = fh.write.bind(fh) as (...args: unknown[]) => Promise<unknown>;
+      (fh as unknown as { write: (...args: unknown[]) => Promise<unknown> }).write = async (...args: unknown[]) => {
+        await snapshot();
+        const result = await write(...args);
+        await snapshot();
+        return result;
+      };
+    }
+    const ops: Array<[number, Buffer]> = [
+      [2 * 4096 + 512, Buffer.alloc(1024, 0xc1)], // unit 2 enters the delta (read-modify-write), not flushed
+      [2 * 4096 + 2048, Buffer.alloc(512, 0xc2)], // partial overwrite of the unflushed unit 2
+      [2 * 4096 + 3584, Buffer.alloc(1024, 0xc3)], // end of unit 2 and the start of unit 3 (RMW)
+    ];
+    const states = [Buffer.from(base.subarray(0, 4 * 4096))];
+    for (const [offset, data] of ops) {
+      await store.write(offset, data, false, readBase);
+      acked++;
+      const next = Buffer.from(states[states.length - 1]!);
+      data.copy(next, offset);
+      states.push(next);
+    }
+    await store.close();
+    expect(snapshots.length).toBeGreaterThanOrEqual(4 * ops.length);
+    for (const snap of snapshots) {
+      const reopened = await DeltaStore.open({ dir: snap.dir, sizeBytes: SIZE, logger });
+      try {
+        const seen = await view(reopened, 0, 4 * 4096);
+        const acknowledged = states[snap.acked]!;
+        const running = states[Math.min(snap.acked + 1, ops.length)]!;
+        for (let at = 0; at < seen.length; at += 512) {
+          const block = seen.subarray(at, at + 512);
+          const ok = block.equals(acknowledged.subarray(at, at + 512)) || block.equals(running.subarray(at, at + 512));
+          if (!ok) throw new Error(`kill after ${snap.acked} acknowledged writes (${snap.dir}): block ${at / 512} is neither acknowledged nor running content`);
+        }
+      } finally {
+        await reopened.close();
+      }
+    }
+  });
+
+  it('a write whose data write failed is never covered by a later flush (no hole after a crash)', async () => {
+    const dir = join(scratch, 'failed-data');
+    const store = await DeltaStore.open({ dir, sizeBytes: SIZE, logger, checkpointJournalBytes: 1 << 30 });
+    const dataFile = (store as unknown as { dataFile: FileHandle }).dataFile;
+    const write = dataFile.write.bind(dataFile) as (...args: unknown[]) => Promise<unknown>;
+    let failNext = true;
+    (dataFile as unknown as { write: (...args: unknown[]) => Promise<unknown> }).write = async (...args: unknown[]) => {
+      if (failNext) {
+        failNext = false;
+        throw Object.assign(new Error('EIO: simulated'), { code: 'EIO' });
+      }
+      return write(...args);
+    };
+    // The crash copy is taken right after the flush's barrier reached the journal (before the
+    // checkpoint that a flush after a failed data write runs).
+    const crashed = join(scratch, 'failed-data-copy');
+    const journalFile = (store as unknown as { journalFile: FileHandle }).journalFile;
+    const datasync = journalFile.datasync.bind(journalFile);
+    let copied = false;
+    journalFile.datasync = async () => {
+      await datasync();
+      if (!copied) {
+        copied = true;
+        await cp(dir, crashed, { recursive: true });
+      }
+    };
+    await expect(store.write(6 * 4096 + 512, Buffer.alloc(512, 0xd6), false, readBase)).rejects.toThrow(/EIO/);
+    await store.write(7 * 4096, Buffer.alloc(4096, 0xd7), false, readBase);
+    await store.flush();
+    expect(copied).toBe(true);
+    await store.close();
+    const reopened = await DeltaStore.open({ dir: crashed, sizeBytes: SIZE, logger });
+    try {
+      expect(reopened.state(6)).toBe(UNIT_BASE);
+      expect((await view(reopened, 6 * 4096, 4096)).equals(base.subarray(6 * 4096, 7 * 4096))).toBe(true);
+      expect(reopened.state(7)).toBe(UNIT_PRESENT);
+      expect((await view(reopened, 7 * 4096, 4096)).every((b) => b === 0xd7)).toBe(true);
+    } finally {
+      await reopened.close();
+    }
+  });
+
   it('discards unflushed records whose data never reached the data file: old content, never a hole', async () => {
     const dir = join(scratch, 'lost');
     const store = await DeltaStore.open({ dir, sizeBytes: SIZE, logger });
@@ -132,7 +229,7 @@ describe('DeltaStore', () => {
     }
   });
 
-  it('a FUA write is trusted on replay even without a later flush', async () => {
+  it('a FUA write survives a crash without a later flush', async () => {
     const dir = join(scratch, 'fua');
     const store = await DeltaStore.open({ dir, sizeBytes: SIZE, logger });
     await store.write(3 * 4096, Buffer.alloc(4096, 0x77), true, readBase);
