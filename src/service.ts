@@ -151,7 +151,7 @@ export class BootrestoreService implements LunHost {
       }
       t.devices.clear();
     }
-    this.mounts?.closeAll();
+    await this.mounts?.closeAll();
     if (this.config.deltaDir && this.controlUrl) await rm(join(this.config.deltaDir, STATE_FILE), { force: true });
   }
 

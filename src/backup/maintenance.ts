@@ -18,6 +18,7 @@ import { join } from 'node:path';
 import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { RepositoryError } from './errors.js';
+import { describeHold, liveHolds } from './holds.js';
 import { CHUNK_HEADER_SIZE, DIGEST_LENGTH, isZeroDigest } from './format.js';
 import { PackWriter, isPackTempName, statPack } from './packs.js';
 import { Repository, errnoCode, fsyncDir } from './repository.js';
@@ -26,10 +27,15 @@ import { WriteSession } from './writer.js';
 export interface PruneResult {
   readonly removed: string[];
   readonly kept: string[];
+  /** Older than the newest `keepLast` but kept: a mount uses them (they are also in `kept`). */
+  readonly held: { id: string; by: string }[];
 }
 
-/** Delete all but the newest `keepLast` restore points of `vm` (indexes only; gc frees chunks). */
-export async function pruneVm(repoDir: string, vm: string, keepLast: number, options: { dryRun?: boolean } = {}): Promise<PruneResult> {
+/**
+ * Delete all but the newest `keepLast` restore points of `vm` (indexes only; gc frees chunks).
+ * Restore points a mount holds (src/backup/holds.ts) are kept whatever their age.
+ */
+export async function pruneVm(repoDir: string, vm: string, keepLast: number, options: { dryRun?: boolean; holdsDir?: string } = {}): Promise<PruneResult> {
   if (!Number.isSafeInteger(keepLast) || keepLast < 0) throw new RepositoryError(`--keep-last must be a non-negative integer, got ${keepLast}`);
   const repo = await Repository.open(repoDir);
   const session = await WriteSession.begin(repo, vm, 'prune');
@@ -37,13 +43,18 @@ export async function pruneVm(repoDir: string, vm: string, keepLast: number, opt
     const ids = await repo.listPointIds(vm);
     if (ids.length === 0) throw new RepositoryError(`VM "${vm}" has no restore points in ${repoDir}`);
     const cut = Math.max(0, ids.length - keepLast);
-    const removed = ids.slice(0, cut);
-    const kept = ids.slice(cut);
+    const holders = new Map<string, string>();
+    for (const hold of await liveHolds(repoDir, options.holdsDir)) {
+      if (hold.vm === vm && !holders.has(hold.point)) holders.set(hold.point, describeHold(hold));
+    }
+    const removed = ids.slice(0, cut).filter((id) => !holders.has(id));
+    const held = ids.slice(0, cut).flatMap((id) => (holders.has(id) ? [{ id, by: holders.get(id)! }] : []));
+    const kept = ids.filter((id) => !removed.includes(id));
     if (!options.dryRun) {
       for (const id of removed) await fsp.rm(repo.indexPath(vm, id), { force: true });
       if (removed.length > 0) await fsyncDir(repo.vmDir(vm));
     }
-    return { removed, kept };
+    return { removed, kept, held };
   } finally {
     await session.end();
   }
@@ -54,6 +65,8 @@ export interface GcOptions {
   readonly graceMs?: number;
   readonly dryRun?: boolean;
   readonly logger?: Logger;
+  /** Where mounts record their holds (default: holdsDir()). */
+  readonly holdsDir?: string;
 }
 
 export interface GcResult {
@@ -84,6 +97,21 @@ export async function collectGarbage(repoDir: string, options: GcOptions = {}): 
     // Cutoff first: writers starting later only create or bump chunks after this instant.
     const writerStarts = await repo.liveWriterStarts();
     const cutoff = Math.min(started, ...writerStarts) - (options.graceMs ?? 5 * 60_000);
+
+    // A mounted restore point whose index is gone still reads its chunks: gc cannot mark them.
+    for (const hold of await liveHolds(repoDir, options.holdsDir)) {
+      const present = await fsp.stat(repo.indexPath(hold.vm, hold.point)).then(
+        () => true,
+        () => false,
+      );
+      if (!present) {
+        throw new RepositoryError(
+          `gc refused: restore point ${hold.vm}@${hold.point} is used by ${describeHold(hold)} but its index is gone, ` +
+            `so gc cannot tell which chunks it reads; commit or unmount (--discard) that mount first ` +
+            `(hold file ${hold.file}; nothing was deleted)`,
+        );
+      }
+    }
 
     // Mark.
     const referenced = new Set<string>();

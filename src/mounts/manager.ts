@@ -6,6 +6,7 @@ import { isIscsiName } from '../config/config.js';
 import { openRestorePoint } from '../backup/reader.js';
 import { writeRestorePoint } from '../backup/writer.js';
 import { writeFileAtomic } from '../backup/repository.js';
+import { holdPath, holdsDir, placeHold, releaseHold, type HoldRequest } from '../backup/holds.js';
 import { processChunkCache, type ChunkCache } from '../cache/chunk-cache.js';
 import { openBackupDevice, commitSpecFor, type BackupBlockDevice } from '../cache/backup-device.js';
 import { renderPrometheus, type LunMetricsSource } from '../cache/metrics.js';
@@ -72,6 +73,8 @@ interface ActiveMount {
   record: MountRecord;
   readonly device: BackupBlockDevice;
   readonly gated: GatedDevice;
+  /** This mount's hold on its restore point (src/backup/holds.ts). */
+  readonly holdFile: string;
 }
 
 /**
@@ -181,9 +184,37 @@ export class MountManager {
     });
   }
 
+  /** What keeps `prune`/`gc` off this mount's restore point: valid while its delta's record exists. */
+  private holdRequest(record: Pick<MountRecord, 'name' | 'vm' | 'point'>): HoldRequest {
+    return {
+      repository: this.repository,
+      vm: record.vm,
+      point: record.point,
+      holder: `mount ${record.name}`,
+      ...(this.deltaDir ? { deltaRecord: join(this.deltaDir, record.name, 'mount.json') } : {}),
+    };
+  }
+
   /** Open the device and attach it; a new mount that fails leaves nothing behind on disk. */
   private async open(record: MountRecord, isNew: boolean): Promise<MountInfo> {
-    const reader = await openRestorePoint(this.repository, record.vm, record.point, { prepare: true });
+    // The hold comes first: from here on, prune keeps this restore point and gc its chunks.
+    const holdFile = await placeHold(this.holdRequest(record)).catch((err: unknown) => {
+      throw new MountError(
+        `could not record that mount "${record.name}" uses ${record.vm}@${record.point} in ${holdsDir()} ` +
+          `(${(err as Error).message}); set BOOTRESTORE_HOLDS_DIR to a writable directory`,
+        500,
+      );
+    });
+    const dropHoldIfNew = async (): Promise<void> => {
+      if (isNew) await releaseHold(holdFile).catch(() => undefined);
+    };
+    let reader;
+    try {
+      reader = await openRestorePoint(this.repository, record.vm, record.point, { prepare: true });
+    } catch (err) {
+      await dropHoldIfNew();
+      throw err;
+    }
     let device: BackupBlockDevice;
     try {
       const deltaDir = record.readOnly || !this.deltaDir ? null : join(this.deltaDir, record.name, 'delta');
@@ -202,6 +233,7 @@ export class MountManager {
       });
     } catch (err) {
       await reader.close();
+      await dropHoldIfNew();
       throw err;
     }
     const gated = new GatedDevice(device);
@@ -215,9 +247,10 @@ export class MountManager {
       if (attached) await this.host.detach(record.iqn, record.lun).catch(() => undefined);
       else await device.close();
       if (isNew && this.deltaDir) await rm(join(this.deltaDir, record.name), { recursive: true, force: true });
+      await dropHoldIfNew();
       throw err;
     }
-    const active: ActiveMount = { record, device, gated };
+    const active: ActiveMount = { record, device, gated, holdFile };
     this.mounts.set(record.name, active);
     this.logger.info({ mount: record.name, vm: record.vm, point: record.point, iqn: record.iqn, lun: record.lun }, 'mounted');
     return this.describe(active);
@@ -230,15 +263,22 @@ export class MountManager {
         const rec = await this.readRecord(name);
         if (rec && delta === 'discard' && this.deltaDir) {
           await rm(join(this.deltaDir, name), { recursive: true, force: true });
+          await releaseHold(await holdPath(this.holdRequest(rec)));
           return;
         }
         throw new MountError(`no mount named "${name}"`, 404);
       }
       this.mounts.delete(name);
       await this.host.detach(m.record.iqn, m.record.lun); // closes the device after flushing
-      if (!this.deltaDir) return;
-      if (delta === 'discard') await rm(join(this.deltaDir, name), { recursive: true, force: true });
-      else await this.writeRecord({ ...m.record, active: false });
+      if (!this.deltaDir) {
+        await releaseHold(m.holdFile);
+        return;
+      }
+      // A kept delta keeps its hold: it is worthless without its restore point.
+      if (delta === 'discard') {
+        await rm(join(this.deltaDir, name), { recursive: true, force: true });
+        await releaseHold(m.holdFile);
+      } else await this.writeRecord({ ...m.record, active: false });
       this.logger.info({ mount: name, delta }, 'unmounted');
     });
   }
@@ -290,9 +330,14 @@ export class MountManager {
     return renderPrometheus(luns, this.cache.stats());
   }
 
-  /** Forget every mount: the service has already flushed and closed their LUNs. */
-  closeAll(): void {
+  /**
+   * Forget every mount: the service has already flushed and closed their LUNs. Holds stay where a
+   * delta record keeps them (the mount resumes at the next start); without a deltaDir they go.
+   */
+  async closeAll(): Promise<void> {
+    const holds = this.deltaDir ? [] : [...this.mounts.values()].map((m) => m.holdFile);
     this.mounts.clear();
+    await Promise.all(holds.map((file) => releaseHold(file).catch(() => undefined)));
   }
 
   private describe(m: ActiveMount): MountInfo {

@@ -5,9 +5,9 @@
  *   qemu-io writes through one of them; `commit` turns base + delta into a new restore point whose
  *   parent is the mounted one and which holds only the changed chunks as new; `export` of that new
  *   point shows the writes; `unmount --keep` / `--discard` behave as documented; bad requests get
- *   clear errors.
+ *   clear errors. prune and gc never take a restore point from under a mount or a kept delta.
  */
-import { readFile } from 'node:fs/promises';
+import { copyFile, readFile, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCommand } from '../helpers/exec.js';
@@ -174,5 +174,56 @@ describe('bootrestore mount / mounts / commit / unmount', () => {
     expect(listed.mounts.map((m) => m.name).sort()).toEqual(['x1', 'x4']);
     await cli(['unmount', '--config', configFile, 'x1', '--discard']);
     await cli(['unmount', '--config', configFile, 'x4', '--discard']);
+  });
+
+  it('prune keeps a restore point a mount or a kept delta uses; gc refuses while a mounted point has no index', async () => {
+    const oldImage = join(dir.path, 'db1-old.img');
+    await writeTestImage(oldImage, 8 * MiB, 21);
+    const oldPoint = await backupImage(oldImage, repo, 'db1');
+    const newImage = join(dir.path, 'db1-new.img');
+    await writeTestImage(newImage, 8 * MiB, 22);
+    await backupImage(newImage, repo, 'db1');
+    const oldIndex = join(repo, 'vms', 'db1', `${oldPoint}.index`);
+    await stat(oldIndex); // the layout this test relies on
+
+    const mounted = JSON.parse((await cli(['mount', '--config', configFile, '--vm', 'db1', '--point', oldPoint, '--name', 'db1-old', '--json'])).stdout) as {
+      url: string;
+    };
+    const w = await runCommand('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 4096 4096', '-c', 'flush', mounted.url], { timeoutMs: 60_000 });
+    expect(w.exitCode, w.stderr + w.stdout).toBe(0);
+
+    // A running mount: prune keeps its point and says why; gc (no grace) leaves every chunk it needs.
+    const pruned = await cli(['prune', '--repo', repo, '--vm', 'db1', '--keep-last', '1']);
+    expect(pruned.stdout).toContain(`kept db1/${oldPoint}: used by mount db1-old`);
+    expect(pruned.stdout).toContain('0 removed');
+    await stat(oldIndex);
+    const gc = JSON.parse((await cli(['gc', '--repo', repo, '--grace-seconds', '0', '--json'])).stdout) as { indexes: number };
+    expect(gc.indexes).toBeGreaterThanOrEqual(3);
+    expect((await cli(['verify', '--repo', repo])).exitCode).toBe(0);
+    const expected = await readFile(oldImage);
+    expected.fill(0x5a, 4096, 8192);
+    const copy = join(dir.path, 'db1-old-read.img');
+    await cli(['unmount', '--config', configFile, 'db1-old', '--keep']);
+
+    // A kept delta needs its base just as much; an index removed behind prune's back stops gc.
+    expect((await cli(['prune', '--repo', repo, '--vm', 'db1', '--keep-last', '1'])).stdout).toContain('used by mount db1-old');
+    await copyFile(oldIndex, join(dir.path, 'saved.index'));
+    await rm(oldIndex);
+    const refused = await cliResult(['gc', '--repo', repo, '--grace-seconds', '0']);
+    expect(refused.exitCode).toBe(1);
+    expect(refused.stderr).toContain(`gc refused: restore point db1@${oldPoint} is used by mount db1-old`);
+    await copyFile(join(dir.path, 'saved.index'), oldIndex);
+
+    // Resumed, the mount still reads the VM's write over the base, every chunk intact.
+    const resumed = JSON.parse((await cli(['mount', '--config', configFile, '--vm', 'db1', '--name', 'db1-old', '--json'])).stdout) as { url: string };
+    const conv = await runCommand('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', resumed.url, copy], { timeoutMs: 120_000 });
+    expect(conv.exitCode, conv.stderr).toBe(0);
+    expect((await readFile(copy)).equals(expected)).toBe(true);
+
+    // Discarded, nothing holds the point any more: prune removes it.
+    await cli(['unmount', '--config', configFile, 'db1-old', '--discard']);
+    const finalPrune = await cli(['prune', '--repo', repo, '--vm', 'db1', '--keep-last', '1']);
+    expect(finalPrune.stdout).toContain(`removed db1/${oldPoint}`);
+    await expect(stat(oldIndex)).rejects.toThrow();
   });
 });

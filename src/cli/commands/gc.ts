@@ -8,7 +8,8 @@ const USAGE = `usage: bootrestore gc --repo DIR [--grace-seconds N] [--dry-run] 
 
 Mark every chunk referenced by an index, then delete unreferenced chunks older than
 min(gc start, oldest running backup's start) minus a grace period (default 300 s). Safe beside
-running backups and commits; refuses to run while any index is unreadable.`;
+running backups and commits; refuses to run while any index is unreadable, or while a mount uses
+a restore point whose index is gone (see "bootrestore prune --help" on holds).`;
 
 export async function run(argv: string[]): Promise<number> {
   if (usageRequested(argv)) {

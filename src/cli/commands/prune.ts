@@ -6,7 +6,10 @@ import { parseCount, printJson, usageRequested } from '../../backup/cli-support.
 const USAGE = `usage: bootrestore prune --repo DIR --vm NAME --keep-last N [--dry-run] [--json]
 
 Delete all but the newest N restore points of VM NAME. Every index is complete, so the remaining
-points stay readable; run "bootrestore gc" afterwards to free the chunks no point references.`;
+points stay readable; run "bootrestore gc" afterwards to free the chunks no point references.
+Restore points a mount uses (a running mount, or a kept delta) are kept whatever their age; mounts
+record that in the holds directory ($BOOTRESTORE_HOLDS_DIR, else /var/lib/bootrestore/holds as root),
+so run prune with the same setting as the server.`;
 
 export async function run(argv: string[]): Promise<number> {
   if (usageRequested(argv)) {
@@ -23,7 +26,9 @@ export async function run(argv: string[]): Promise<number> {
     printJson({ vm, dryRun, ...result });
   } else {
     for (const id of result.removed) process.stdout.write(`${dryRun ? 'would remove' : 'removed'} ${vm}/${id}\n`);
-    process.stdout.write(`prune ${vm}: ${result.removed.length} removed, ${result.kept.length} kept${dryRun ? ' (dry run)' : ''}\n`);
+    for (const { id, by } of result.held) process.stdout.write(`kept ${vm}/${id}: used by ${by}\n`);
+    const held = result.held.length > 0 ? ` (${result.held.length} of them used by mounts)` : '';
+    process.stdout.write(`prune ${vm}: ${result.removed.length} removed, ${result.kept.length} kept${held}${dryRun ? ' (dry run)' : ''}\n`);
   }
   return 0;
 }

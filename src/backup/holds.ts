@@ -1,0 +1,136 @@
+/**
+ * Holds: "this restore point is in use by a mount" records, kept OUTSIDE the repository.
+ *
+ * A mount reads its restore point's chunks for as long as it lives, and a kept delta is worthless
+ * without its base restore point. The repository itself is never written by a mount (it may be on
+ * read-only storage, and its files must stay byte-identical), so the server records each mount in a
+ * host-local holds directory instead; `prune` keeps held restore points and `gc` refuses to run while
+ * a held restore point's index is missing (it could not know which chunks the mount still reads).
+ *
+ *   <holdsDir>/<24 hex>.json   { version, repository (real path), vm, point, holder, pid, host,
+ *                                deltaRecord?, createdAt }
+ *
+ * A hold is live while its delta's mount record (deltaRecord, `<deltaDir>/<mount>/mount.json`) still
+ * names the same restore point, or while the process that placed it runs. Holds of another host are
+ * always treated as live (their process cannot be checked). Stale holds are removed by whoever finds
+ * them. holdsDir: $BOOTRESTORE_HOLDS_DIR, else /var/lib/bootrestore/holds for root, else
+ * $XDG_STATE_HOME/bootrestore/holds (~/.local/state): servers and prune/gc must agree on it.
+ */
+import { createHash } from 'node:crypto';
+import { promises as fsp } from 'node:fs';
+import { homedir, hostname } from 'node:os';
+import { join } from 'node:path';
+import { RepositoryError } from './errors.js';
+import { errnoCode, fsyncDir, isProcessAlive, writeFileAtomic } from './repository.js';
+
+export interface Hold {
+  readonly version: 1;
+  /** Real path of the repository directory. */
+  readonly repository: string;
+  readonly vm: string;
+  readonly point: string;
+  /** Who holds it, for messages: "mount NAME". */
+  readonly holder: string;
+  readonly pid: number;
+  readonly host: string;
+  /** Mount record whose presence keeps the hold live after the server exits (kept delta). */
+  readonly deltaRecord?: string;
+  readonly createdAt: string;
+}
+
+export interface HoldFile extends Hold {
+  readonly file: string;
+}
+
+export function holdsDir(env: NodeJS.ProcessEnv = process.env): string {
+  if (env.BOOTRESTORE_HOLDS_DIR) return env.BOOTRESTORE_HOLDS_DIR;
+  if (process.getuid?.() === 0) return '/var/lib/bootrestore/holds';
+  return join(env.XDG_STATE_HOME || join(homedir(), '.local', 'state'), 'bootrestore', 'holds');
+}
+
+export interface HoldRequest {
+  readonly repository: string;
+  readonly vm: string;
+  readonly point: string;
+  readonly holder: string;
+  readonly deltaRecord?: string;
+}
+
+/** Where the hold of `request` lives: one file per (repository, restore point, holder). */
+export async function holdPath(request: HoldRequest, dir = holdsDir()): Promise<string> {
+  const repository = await fsp.realpath(request.repository);
+  const key = [repository, request.vm, request.point, request.deltaRecord ?? `${hostname()}:${process.pid}:${request.holder}`].join('\0');
+  return join(dir, createHash('sha256').update(key).digest('hex').slice(0, 24) + '.json');
+}
+
+/** Record (durably) that `request.holder` uses the restore point; returns the hold file's path. */
+export async function placeHold(request: HoldRequest, dir = holdsDir()): Promise<string> {
+  const file = await holdPath(request, dir);
+  const hold: Hold = {
+    version: 1,
+    repository: await fsp.realpath(request.repository),
+    vm: request.vm,
+    point: request.point,
+    holder: request.holder,
+    pid: process.pid,
+    host: hostname(),
+    ...(request.deltaRecord ? { deltaRecord: request.deltaRecord } : {}),
+    createdAt: new Date().toISOString(),
+  };
+  await fsp.mkdir(dir, { recursive: true });
+  await writeFileAtomic(file, Buffer.from(JSON.stringify(hold, null, 2) + '\n'));
+  await fsyncDir(dir);
+  return file;
+}
+
+export async function releaseHold(file: string): Promise<void> {
+  await fsp.rm(file, { force: true });
+}
+
+/** Live holds on restore points of `repoDir`; stale holds found on the way are removed. */
+export async function liveHolds(repoDir: string, dir = holdsDir()): Promise<HoldFile[]> {
+  const repository = await fsp.realpath(repoDir);
+  let names: string[];
+  try {
+    names = await fsp.readdir(dir);
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return [];
+    throw err;
+  }
+  const live: HoldFile[] = [];
+  for (const name of names.sort()) {
+    if (!/^[0-9a-f]{24}\.json$/.test(name)) continue;
+    const file = join(dir, name);
+    let hold: Hold;
+    try {
+      hold = JSON.parse(await fsp.readFile(file, 'utf8')) as Hold;
+    } catch (err) {
+      if (errnoCode(err) === 'ENOENT') continue; // released meanwhile
+      // Unreadable: cannot tell which repository it protects, so it protects none; say so loudly.
+      throw new RepositoryError(`hold file ${file} is unreadable (${(err as Error).message}); remove it if no mount uses it`);
+    }
+    if (hold.repository !== repository) continue;
+    if (await isHoldLive(hold)) live.push({ ...hold, file });
+    else await fsp.rm(file, { force: true });
+  }
+  return live;
+}
+
+async function isHoldLive(hold: Hold): Promise<boolean> {
+  if (hold.host !== hostname()) return true;
+  if (hold.deltaRecord) {
+    try {
+      const record = JSON.parse(await fsp.readFile(hold.deltaRecord, 'utf8')) as { vm?: unknown; point?: unknown };
+      if (record.vm === hold.vm && record.point === hold.point) return true;
+    } catch {
+      // No (readable) record: the delta was discarded; only the process can keep the hold.
+    }
+  }
+  return isProcessAlive(hold.pid);
+}
+
+/** "mount NAME (server pid N on HOST, delta DIR)" for messages. */
+export function describeHold(hold: Hold): string {
+  const where = hold.deltaRecord ? `, delta ${join(hold.deltaRecord, '..')}` : '';
+  return `${hold.holder} (server pid ${hold.pid} on ${hold.host}${where})`;
+}
