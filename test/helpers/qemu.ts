@@ -22,6 +22,8 @@ export interface BootOptions {
   memoryMiB?: number;
   /** Attach the disk read-only (readonly=on): QEMU refuses a write-protected LUN otherwise. */
   readOnly?: boolean;
+  /** Kill QEMU as soon as the BOOT-OK marker arrives (boot-time benchmarks: nothing after it is timed). */
+  stopAtMarker?: boolean;
 }
 
 /** What the guest's /init printed (lines starting with BOOTRESTORE-). */
@@ -182,7 +184,10 @@ async function runQemu(args: string[], opts: BootOptions): Promise<BootResult> {
     const text = chunk.toString('latin1');
     serial += text;
     log?.write(chunk);
-    if (markerMs === undefined && serial.includes('BOOTRESTORE-BOOT-OK')) markerMs = performance.now() - started;
+    if (markerMs === undefined && serial.includes('BOOTRESTORE-BOOT-OK')) {
+      markerMs = performance.now() - started;
+      if (opts.stopAtMarker) child.kill('SIGKILL');
+    }
     // After DONE the guest powers off; give it a few seconds, then stop waiting.
     if (doneTimer === undefined && serial.includes('BOOTRESTORE-DONE')) {
       doneTimer = setTimeout(() => child.kill('SIGKILL'), 5_000);
