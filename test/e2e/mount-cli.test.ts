@@ -192,6 +192,11 @@ describe('bootrestore mount / mounts / commit / unmount', () => {
     const w = await runCommand('qemu-io', ['-f', 'raw', '-c', 'write -P 0x5a 4096 4096', '-c', 'flush', mounted.url], { timeoutMs: 60_000 });
     expect(w.exitCode, w.stderr + w.stdout).toBe(0);
 
+    const listed = JSON.parse((await cli(['list', '--repo', repo, '--vm', 'db1', '--json'])).stdout) as { points: Array<{ id: string; usedBy: string[] }> };
+    expect(listed.points.map((p) => p.usedBy)).toEqual([['mount db1-old'], []]);
+    expect(listed.points[0]!.id).toBe(oldPoint);
+    expect((await cli(['list', '--repo', repo, '--vm', 'db1'])).stdout).toMatch(new RegExp(`${oldPoint}.*mount db1-old`));
+
     // A running mount: prune keeps its point and says why; gc (no grace) leaves every chunk it needs.
     const pruned = await cli(['prune', '--repo', repo, '--vm', 'db1', '--keep-last', '1']);
     expect(pruned.stdout).toContain(`kept db1/${oldPoint}: used by mount db1-old`);
