@@ -21,7 +21,7 @@ import { promises as fsp } from 'node:fs';
 import { homedir, hostname } from 'node:os';
 import { join } from 'node:path';
 import { RepositoryError } from './errors.js';
-import { errnoCode, fsyncDir, isProcessAlive, writeFileAtomic } from './repository.js';
+import { errnoCode, fsyncDir, isProcessAlive, readdirIfPresent, writeFileAtomic } from './repository.js';
 
 export interface Hold {
   readonly version: 1;
@@ -90,15 +90,8 @@ export async function releaseHold(file: string): Promise<void> {
 /** Live holds on restore points of `repoDir`; stale holds found on the way are removed. */
 export async function liveHolds(repoDir: string, dir = holdsDir()): Promise<HoldFile[]> {
   const repository = await fsp.realpath(repoDir);
-  let names: string[];
-  try {
-    names = await fsp.readdir(dir);
-  } catch (err) {
-    if (errnoCode(err) === 'ENOENT') return [];
-    throw err;
-  }
   const live: HoldFile[] = [];
-  for (const name of names.sort()) {
+  for (const name of (await readdirIfPresent(dir)).sort()) {
     if (!/^[0-9a-f]{24}\.json$/.test(name)) continue;
     const file = join(dir, name);
     let hold: Hold;

@@ -289,15 +289,8 @@ export class Repository {
   /** Start times of live writers; markers of dead local processes are removed. */
   async liveWriterStarts(): Promise<number[]> {
     const dir = join(this.dir, 'writers');
-    let names: string[];
-    try {
-      names = await fsp.readdir(dir);
-    } catch (err) {
-      if (errnoCode(err) === 'ENOENT') return [];
-      throw err;
-    }
     const starts: number[] = [];
-    for (const name of names) {
+    for (const name of await readdirIfPresent(dir)) {
       if (!name.endsWith('.json')) continue;
       const path = join(dir, name);
       let parsed: { pid?: unknown; host?: unknown; startedAt?: unknown };
@@ -357,6 +350,16 @@ async function readLockHolder(path: string): Promise<LockHolder | null> {
     const st = await fsp.stat(path).catch(() => null);
     if (st === null || Date.now() - st.mtimeMs < 2000) return null;
     return { pid: 0, host: hostname(), command: 'unknown (unreadable lock file)', since: st.mtime.toISOString() };
+  }
+}
+
+/** The names in `dir`, or none if it does not exist (any other error throws). */
+export async function readdirIfPresent(dir: string): Promise<string[]> {
+  try {
+    return await fsp.readdir(dir);
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return [];
+    throw err;
   }
 }
 
