@@ -60,6 +60,8 @@ function say(line: string): void {
 async function main(): Promise<number> {
   const image = await ensureBootImage();
   const dir = await mkdtemp(join(tmpdir(), 'bootrestore-boot-bench-'));
+  // Mount holds of this run's throw-away repositories stay in its folder, not the machine's.
+  process.env.BOOTRESTORE_HOLDS_DIR = join(dir, 'holds');
   const measurements: BootMeasurement[] = [];
   try {
     let repo: string | undefined;

@@ -104,6 +104,8 @@ async function measure(name: string, url: string, opts: { pass: boolean; perf?: 
 
 async function main(): Promise<number> {
   const dir = await makeTempDir('bench-mount');
+  // Mount holds of this run's throw-away repositories stay in its folder, not the machine's.
+  process.env.BOOTRESTORE_HOLDS_DIR = join(dir.path, 'holds');
   const servers: ServerProcess[] = [];
   const rows: Row[] = [];
   try {

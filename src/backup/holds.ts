@@ -87,7 +87,7 @@ export async function releaseHold(file: string): Promise<void> {
   await fsp.rm(file, { force: true });
 }
 
-/** Live holds on restore points of `repoDir`; stale holds found on the way are removed. */
+/** Live holds on restore points of `repoDir`; stale holds (of any repository) found on the way are removed. */
 export async function liveHolds(repoDir: string, dir = holdsDir()): Promise<HoldFile[]> {
   const repository = await fsp.realpath(repoDir);
   const live: HoldFile[] = [];
@@ -102,9 +102,9 @@ export async function liveHolds(repoDir: string, dir = holdsDir()): Promise<Hold
       // Unreadable: cannot tell which repository it protects, so it protects none; say so loudly.
       throw new RepositoryError(`hold file ${file} is unreadable (${(err as Error).message}); remove it if no mount uses it`);
     }
-    if (hold.repository !== repository) continue;
-    if (await isHoldLive(hold)) live.push({ ...hold, file });
-    else await fsp.rm(file, { force: true });
+    // Stale holds of every repository go (those of deleted test or bench repositories too).
+    if (!(await isHoldLive(hold))) await fsp.rm(file, { force: true });
+    else if (hold.repository === repository) live.push({ ...hold, file });
   }
   return live;
 }

@@ -57,6 +57,11 @@ describe('mount holds', () => {
     const file = await placeHold({ repository: join(repo, '..', 'repo'), vm: 'vm1', point: 'p1', holder: 'mount a' }, holds);
     expect(await liveHolds(other, holds)).toEqual([]);
     expect(await liveHolds(repo, holds)).toHaveLength(1);
+    // A stale hold of another repository is cleaned up by a look at this one.
+    const gone = await placeHold({ repository: other, vm: 'vm2', point: 'p2', holder: 'mount b' }, holds);
+    await rewrite(gone, { pid: deadPid() });
+    expect(await liveHolds(repo, holds)).toHaveLength(1);
+    expect(await readdir(holds)).toEqual([file.slice(holds.length + 1)]);
     await rewrite(file, { pid: deadPid(), host: 'some-other-host' });
     expect(await liveHolds(repo, holds)).toHaveLength(1);
     await writeFile(file, '{"version":1,');
