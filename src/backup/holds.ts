@@ -8,16 +8,17 @@
  * a held restore point's index is missing (it could not know which chunks the mount still reads).
  *
  *   <holdsDir>/<24 hex>.json   { version, repository (real path), vm, point, holder, pid, host,
- *                                deltaRecord?, createdAt }
+ *                                bootId?, deltaRecord?, createdAt }
  *
  * A hold is live while its delta's mount record (deltaRecord, `<deltaDir>/<mount>/mount.json`) still
- * names the same restore point, or while the process that placed it runs. Holds of another host are
- * always treated as live (their process cannot be checked). Stale holds are removed by whoever finds
- * them. holdsDir: $BOOTRESTORE_HOLDS_DIR, else /var/lib/bootrestore/holds for root, else
+ * names the same restore point, or while the process that placed it runs (same boot). Holds of
+ * another host are always treated as live (their process cannot be checked). Stale holds are
+ * removed (moved aside and re-checked, so a hold placed meanwhile survives) by whoever reads them,
+ * `list` and `prune --dry-run` included: the holds directory is not part of the repository. holdsDir: $BOOTRESTORE_HOLDS_DIR, else /var/lib/bootrestore/holds for root, else
  * $XDG_STATE_HOME/bootrestore/holds (~/.local/state): servers and prune/gc must agree on it.
  */
-import { createHash } from 'node:crypto';
-import { promises as fsp } from 'node:fs';
+import { createHash, randomBytes } from 'node:crypto';
+import { promises as fsp, readFileSync } from 'node:fs';
 import { homedir, hostname } from 'node:os';
 import { join } from 'node:path';
 import { RepositoryError } from './errors.js';
@@ -33,6 +34,8 @@ export interface Hold {
   readonly holder: string;
   readonly pid: number;
   readonly host: string;
+  /** The kernel's boot id when the hold was placed: after a reboot its pid means nothing. */
+  readonly bootId?: string;
   /** Mount record whose presence keeps the hold live after the server exits (kept delta). */
   readonly deltaRecord?: string;
   readonly createdAt: string;
@@ -74,6 +77,7 @@ export async function placeHold(request: HoldRequest, dir = holdsDir()): Promise
     holder: request.holder,
     pid: process.pid,
     host: hostname(),
+    ...(currentBootId() !== null ? { bootId: currentBootId()! } : {}),
     ...(request.deltaRecord ? { deltaRecord: request.deltaRecord } : {}),
     createdAt: new Date().toISOString(),
   };
@@ -94,19 +98,71 @@ export async function liveHolds(repoDir: string, dir = holdsDir()): Promise<Hold
   for (const name of (await readdirIfPresent(dir)).sort()) {
     if (!/^[0-9a-f]{24}\.json$/.test(name)) continue;
     const file = join(dir, name);
-    let hold: Hold;
-    try {
-      hold = JSON.parse(await fsp.readFile(file, 'utf8')) as Hold;
-    } catch (err) {
-      if (errnoCode(err) === 'ENOENT') continue; // released meanwhile
-      // Unreadable: cannot tell which repository it protects, so it protects none; say so loudly.
-      throw new RepositoryError(`hold file ${file} is unreadable (${(err as Error).message}); remove it if no mount uses it`);
-    }
+    const hold = await readHold(file);
+    if (hold === undefined) continue; // released meanwhile
     // Stale holds of every repository go (those of deleted test or bench repositories too).
-    if (!(await isHoldLive(hold))) await fsp.rm(file, { force: true });
+    if (!(await isHoldLive(hold))) await removeStaleHold(file, hold);
     else if (hold.repository === repository) live.push({ ...hold, file });
   }
   return live;
+}
+
+/** A hold file's content; undefined if it is gone. Unreadable or malformed: an error (it may protect anything). */
+async function readHold(file: string): Promise<Hold | undefined> {
+  let text: string;
+  try {
+    text = await fsp.readFile(file, 'utf8');
+  } catch (err) {
+    if (errnoCode(err) === 'ENOENT') return undefined;
+    throw new RepositoryError(`hold file ${file} is unreadable (${(err as Error).message}); remove it if no mount uses it`);
+  }
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch (err) {
+    throw new RepositoryError(`hold file ${file} is not JSON (${(err as Error).message}); remove it if no mount uses it`);
+  }
+  const v = value as Partial<Record<keyof Hold, unknown>> | null;
+  const fieldsOk =
+    v !== null &&
+    typeof v === 'object' &&
+    (['repository', 'vm', 'point', 'holder', 'host'] as const).every((k) => typeof v[k] === 'string') &&
+    typeof v.pid === 'number' &&
+    (v.deltaRecord === undefined || typeof v.deltaRecord === 'string');
+  if (!fieldsOk) throw new RepositoryError(`hold file ${file} is not a hold (fields missing or of the wrong type); remove it if no mount uses it`);
+  return value as Hold;
+}
+
+/**
+ * Remove a hold judged stale. A mount may have just placed a new hold under the same name (same
+ * repository, point and record): move the file aside first and look again; what is not the stale
+ * hold goes back. A hold that cannot be removed (e.g. no write access) just stays.
+ */
+async function removeStaleHold(file: string, stale: Hold): Promise<void> {
+  const aside = `${file}.stale-${process.pid}-${randomBytes(4).toString('hex')}`;
+  try {
+    await fsp.rename(file, aside);
+  } catch {
+    return;
+  }
+  const moved = await readHold(aside).catch(() => undefined);
+  if (moved !== undefined && (moved.createdAt !== stale.createdAt || moved.pid !== stale.pid)) {
+    await fsp.rename(aside, file).catch(() => undefined);
+    return;
+  }
+  await fsp.rm(aside, { force: true }).catch(() => undefined);
+}
+
+let bootId: string | null | undefined;
+function currentBootId(): string | null {
+  if (bootId === undefined) {
+    try {
+      bootId = readFileSync('/proc/sys/kernel/random/boot_id', 'utf8').trim() || null;
+    } catch {
+      bootId = null;
+    }
+  }
+  return bootId;
 }
 
 async function isHoldLive(hold: Hold): Promise<boolean> {
@@ -119,6 +175,8 @@ async function isHoldLive(hold: Hold): Promise<boolean> {
       // No (readable) record: the delta was discarded; only the process can keep the hold.
     }
   }
+  // A pid from before the last reboot may belong to any process now.
+  if (hold.bootId !== undefined && currentBootId() !== null && hold.bootId !== currentBootId()) return false;
   return isProcessAlive(hold.pid);
 }
 

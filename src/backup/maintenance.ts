@@ -19,9 +19,9 @@ import type { Logger } from '../log.js';
 import { silentLogger } from '../log.js';
 import { RepositoryError } from './errors.js';
 import { describeHold, liveHolds } from './holds.js';
-import { CHUNK_HEADER_SIZE, DIGEST_LENGTH, isZeroDigest } from './format.js';
+import { CHUNK_HEADER_SIZE, DIGEST_LENGTH, decodeIndex, isZeroDigest, type RestorePointIndex } from './format.js';
 import { PackWriter, isPackTempName, statPack } from './packs.js';
-import { Repository, errnoCode, fsyncDir } from './repository.js';
+import { Repository, errnoCode, fsyncDir, isProcessAlive, readdirIfPresent } from './repository.js';
 import { WriteSession } from './writer.js';
 
 export interface PruneResult {
@@ -40,23 +40,58 @@ export async function pruneVm(repoDir: string, vm: string, keepLast: number, opt
   const repo = await Repository.open(repoDir);
   const session = await WriteSession.begin(repo, vm, 'prune');
   try {
+    await restoreInterruptedPrunes(repo, vm);
     const ids = await repo.listPointIds(vm);
     if (ids.length === 0) throw new RepositoryError(`VM "${vm}" has no restore points in ${repoDir}`);
     const cut = Math.max(0, ids.length - keepLast);
-    const holders = new Map<string, string>();
-    for (const hold of await liveHolds(repoDir, options.holdsDir)) {
-      if (hold.vm === vm && !holders.has(hold.point)) holders.set(hold.point, describeHold(hold));
-    }
+    const holdersOf = async (): Promise<Map<string, string>> => {
+      const holders = new Map<string, string>();
+      for (const hold of await liveHolds(repoDir, options.holdsDir)) {
+        if (hold.vm === vm && !holders.has(hold.point)) holders.set(hold.point, describeHold(hold));
+      }
+      return holders;
+    };
+    const holders = await holdersOf();
     const removed = ids.slice(0, cut).filter((id) => !holders.has(id));
     const held = ids.slice(0, cut).flatMap((id) => (holders.has(id) ? [{ id, by: holders.get(id)! }] : []));
-    const kept = ids.filter((id) => !removed.includes(id));
-    if (!options.dryRun) {
-      for (const id of removed) await fsp.rm(repo.indexPath(vm, id), { force: true });
-      if (removed.length > 0) await fsyncDir(repo.vmDir(vm));
+    if (!options.dryRun && removed.length > 0) {
+      // A mount may place its hold between our look at the holds and the delete: move the indexes
+      // aside (gc still marks them there), look again, and put back what is held now.
+      const aside = (id: string): string => `${repo.indexPath(vm, id)}${PRUNING}${process.pid}`;
+      for (const id of removed) await fsp.rename(repo.indexPath(vm, id), aside(id));
+      const heldNow = await holdersOf();
+      for (const id of [...removed]) {
+        if (heldNow.has(id)) {
+          await fsp.rename(aside(id), repo.indexPath(vm, id));
+          removed.splice(removed.indexOf(id), 1);
+          held.push({ id, by: heldNow.get(id)! });
+        } else {
+          await fsp.rm(aside(id), { force: true });
+        }
+      }
+      await fsyncDir(repo.vmDir(vm));
     }
+    const kept = ids.filter((id) => !removed.includes(id));
+    held.sort((a, b) => a.id.localeCompare(b.id));
     return { removed, kept, held };
   } finally {
     await session.end();
+  }
+}
+
+/** Suffix of an index that prune has moved aside while it re-checks the holds: `<id>.index.pruning-<pid>`. */
+const PRUNING = '.pruning-';
+const PRUNING_RE = /^([^/]+\.index)\.pruning-(\d+)$/;
+
+/** Indexes a prune moved aside and never finished with (it died): put back, the next prune decides again. */
+async function restoreInterruptedPrunes(repo: Repository, vm: string): Promise<void> {
+  const dir = repo.vmDir(vm);
+  for (const name of await readdirIfPresent(dir)) {
+    const m = PRUNING_RE.exec(name);
+    if (!m || isProcessAlive(Number(m[2]))) continue;
+    const target = join(dir, m[1]!);
+    if (await fsp.stat(target).then(() => true, () => false)) await fsp.rm(join(dir, name), { force: true });
+    else await fsp.rename(join(dir, name), target);
   }
 }
 
@@ -98,23 +133,16 @@ export async function collectGarbage(repoDir: string, options: GcOptions = {}): 
     const writerStarts = await repo.liveWriterStarts();
     const cutoff = Math.min(started, ...writerStarts) - (options.graceMs ?? 5 * 60_000);
 
-    // A mounted restore point whose index is gone still reads its chunks: gc cannot mark them.
-    for (const hold of await liveHolds(repoDir, options.holdsDir)) {
-      const present = await fsp.stat(repo.indexPath(hold.vm, hold.point)).then(
-        () => true,
-        () => false,
-      );
-      if (!present) {
-        throw new RepositoryError(
-          `gc refused: restore point ${hold.vm}@${hold.point} is used by ${describeHold(hold)} but its index is gone, ` +
-            `so gc cannot tell which chunks it reads; commit or unmount (--discard) that mount first ` +
-            `(hold file ${hold.file}; nothing was deleted)`,
-        );
-      }
-    }
 
     // Mark.
     const referenced = new Set<string>();
+    const marked = new Set<string>();
+    const markIndex = (index: RestorePointIndex): void => {
+      for (let off = 0; off < index.digests.length; off += DIGEST_LENGTH) {
+        const d = index.digests.subarray(off, off + DIGEST_LENGTH);
+        if (!isZeroDigest(d)) referenced.add(d.toString('hex'));
+      }
+    };
     let indexes = 0;
     for (const vm of await repo.listVms()) {
       for (const id of await repo.listPointIds(vm)) {
@@ -127,10 +155,30 @@ export async function collectGarbage(repoDir: string, options: GcOptions = {}): 
           );
         }
         indexes++;
-        for (let off = 0; off < index.digests.length; off += DIGEST_LENGTH) {
-          const d = index.digests.subarray(off, off + DIGEST_LENGTH);
-          if (!isZeroDigest(d)) referenced.add(d.toString('hex'));
-        }
+        marked.add(`${vm}/${id}`);
+        markIndex(index);
+      }
+      // Indexes a running prune has moved aside while it re-checks the holds: it may put them back.
+      for (const name of await readdirIfPresent(repo.vmDir(vm))) {
+        const m = PRUNING_RE.exec(name);
+        if (!m) continue;
+        const path = join(repo.vmDir(vm), name);
+        const file = await fsp.readFile(path).catch(() => null);
+        if (file === null) continue; // finished meanwhile: put back (then listed above) or deleted
+        markIndex(decodeIndex(file, path));
+        marked.add(`${vm}/${m[1]!.slice(0, -'.index'.length)}`);
+      }
+    }
+
+    // A mounted restore point whose index gc did not see still reads its chunks: gc cannot know them.
+    // (Checked after marking: a mount that places its hold later opens an index that was marked.)
+    for (const hold of await liveHolds(repoDir, options.holdsDir)) {
+      if (!marked.has(`${hold.vm}/${hold.point}`)) {
+        throw new RepositoryError(
+          `gc refused: restore point ${hold.vm}@${hold.point} is used by ${describeHold(hold)} but its index is gone, ` +
+            `so gc cannot tell which chunks it reads; commit or unmount (--discard) that mount first ` +
+            `(hold file ${hold.file}; nothing was deleted)`,
+        );
       }
     }
 

@@ -115,7 +115,15 @@ export class MountManager {
     }
     for (const name of names.sort()) {
       const record = await this.readRecord(name);
-      if (!record || record.fromConfig || !record.active || this.mounts.has(name)) continue;
+      if (!record) continue;
+      // Every delta on disk holds its restore point, mounted or not (also deltas kept before
+      // holds existed, or whose holds directory was lost).
+      if (!record.readOnly) {
+        await placeHold(this.holdRequest(record)).catch((err: unknown) => {
+          this.logger.error({ mount: name, err }, 'could not record that this delta uses its restore point; prune may remove it');
+        });
+      }
+      if (record.fromConfig || !record.active || this.mounts.has(name)) continue;
       this.logger.info({ mount: name, vm: record.vm, point: record.point }, 'resuming mount');
       try {
         await this.exclusive(() => this.open(record, false));
@@ -184,14 +192,18 @@ export class MountManager {
     });
   }
 
-  /** What keeps `prune`/`gc` off this mount's restore point: valid while its delta's record exists. */
-  private holdRequest(record: Pick<MountRecord, 'name' | 'vm' | 'point'>): HoldRequest {
+  /**
+   * What keeps `prune`/`gc` off this mount's restore point: while its delta's record exists (the
+   * delta needs its base even when no server runs), for a read-only mount (no delta) while this
+   * server runs.
+   */
+  private holdRequest(record: Pick<MountRecord, 'name' | 'vm' | 'point' | 'readOnly'>): HoldRequest {
     return {
       repository: this.repository,
       vm: record.vm,
       point: record.point,
       holder: `mount ${record.name}`,
-      ...(this.deltaDir ? { deltaRecord: join(this.deltaDir, record.name, 'mount.json') } : {}),
+      ...(this.deltaDir && !record.readOnly ? { deltaRecord: join(this.deltaDir, record.name, 'mount.json') } : {}),
     };
   }
 
@@ -278,7 +290,10 @@ export class MountManager {
       if (delta === 'discard') {
         await rm(join(this.deltaDir, name), { recursive: true, force: true });
         await releaseHold(m.holdFile);
-      } else await this.writeRecord({ ...m.record, active: false });
+      } else {
+        await this.writeRecord({ ...m.record, active: false });
+        if (m.record.readOnly) await releaseHold(m.holdFile);
+      }
       this.logger.info({ mount: name, delta }, 'unmounted');
     });
   }
@@ -332,10 +347,10 @@ export class MountManager {
 
   /**
    * Forget every mount: the service has already flushed and closed their LUNs. Holds stay where a
-   * delta record keeps them (the mount resumes at the next start); without a deltaDir they go.
+   * delta keeps them (the mount resumes at the next start); those of read-only mounts go.
    */
   async closeAll(): Promise<void> {
-    const holds = this.deltaDir ? [] : [...this.mounts.values()].map((m) => m.holdFile);
+    const holds = [...this.mounts.values()].filter((m) => !this.deltaDir || m.record.readOnly).map((m) => m.holdFile);
     this.mounts.clear();
     await Promise.all(holds.map((file) => releaseHold(file).catch(() => undefined)));
   }

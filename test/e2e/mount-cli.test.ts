@@ -7,7 +7,7 @@
  *   point shows the writes; `unmount --keep` / `--discard` behave as documented; bad requests get
  *   clear errors. prune and gc never take a restore point from under a mount or a kept delta.
  */
-import { copyFile, readFile, rm, stat } from 'node:fs/promises';
+import { copyFile, readFile, readdir, rm, stat } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { runCommand } from '../helpers/exec.js';
@@ -210,8 +210,20 @@ describe('bootrestore mount / mounts / commit / unmount', () => {
     const copy = join(dir.path, 'db1-old-read.img');
     await cli(['unmount', '--config', configFile, 'db1-old', '--keep']);
 
-    // A kept delta needs its base just as much; an index removed behind prune's back stops gc.
+    // A kept delta needs its base just as much, also with no server running (its record keeps the
+    // hold), and a server that starts holds every delta it finds (deltas kept before holds existed).
+    const pid = (await serverPid())!;
+    process.kill(pid, 'SIGTERM');
+    for (let i = 0; i < 150 && (await serverPid()) !== undefined; i++) await new Promise((r) => setTimeout(r, 100));
+    expect(await serverPid()).toBeUndefined();
     expect((await cli(['prune', '--repo', repo, '--vm', 'db1', '--keep-last', '1'])).stdout).toContain('used by mount db1-old');
+    const holdsDir = process.env.BOOTRESTORE_HOLDS_DIR!;
+    for (const name of await readdir(holdsDir)) await rm(join(holdsDir, name));
+    await cli(['mount', '--config', configFile, '--vm', 'web1', '--name', 'probe', '--read-only']); // starts a server
+    expect((await cli(['prune', '--repo', repo, '--vm', 'db1', '--keep-last', '1'])).stdout).toContain('used by mount db1-old');
+    await cli(['unmount', '--config', configFile, 'probe', '--discard']);
+
+    // An index removed behind prune's back stops gc.
     await copyFile(oldIndex, join(dir.path, 'saved.index'));
     await rm(oldIndex);
     const refused = await cliResult(['gc', '--repo', repo, '--grace-seconds', '0']);

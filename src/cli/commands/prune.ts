@@ -8,8 +8,9 @@ const USAGE = `usage: bootrestore prune --repo DIR --vm NAME --keep-last N [--dr
 Delete all but the newest N restore points of VM NAME. Every index is complete, so the remaining
 points stay readable; run "bootrestore gc" afterwards to free the chunks no point references.
 Restore points a mount uses (a running mount, or a kept delta) are kept whatever their age; mounts
-record that in the holds directory ($BOOTRESTORE_HOLDS_DIR, else /var/lib/bootrestore/holds as root),
-so run prune with the same setting as the server.`;
+record that in the holds directory ($BOOTRESTORE_HOLDS_DIR, else /var/lib/bootrestore/holds as root,
+else $XDG_STATE_HOME/bootrestore/holds or ~/.local/state/bootrestore/holds), so run prune as the
+server's user or with the same setting. Stale holds found there are removed (also by --dry-run).`;
 
 export async function run(argv: string[]): Promise<number> {
   if (usageRequested(argv)) {

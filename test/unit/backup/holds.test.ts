@@ -3,10 +3,15 @@
  * flow (prune keeps, gc refuses) is in test/e2e/mount-cli.test.ts.
  */
 import { spawnSync } from 'node:child_process';
-import { mkdir, readFile, readdir, writeFile } from 'node:fs/promises';
+import { mkdir, readFile, readdir, rename, symlink, utimes, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterEach, beforeEach, describe, expect, it } from 'vitest';
+import { backupSource } from '../../../src/backup/engine.js';
 import { liveHolds, placeHold, type Hold } from '../../../src/backup/holds.js';
+import { collectGarbage, pruneVm } from '../../../src/backup/maintenance.js';
+import { verifyRepository } from '../../../src/backup/verify.js';
+import { BufferSource, pseudoRandomBytes } from '../../helpers/buffer-source.js';
+import { chunkStoreFiles } from '../../helpers/chunk-store.js';
 import { makeTempDir, type TempDir } from '../../helpers/tmp.js';
 
 let dir: TempDir;
@@ -51,10 +56,18 @@ describe('mount holds', () => {
     expect(await liveHolds(repo, holds)).toEqual([]);
   });
 
-  it("holds are per repository (by real path), another host's holds count as live, an unreadable hold stops prune and gc", async () => {
+  it('a pid from before the last reboot does not keep a hold', async () => {
+    const file = await placeHold({ repository: repo, vm: 'vm1', point: 'p1', holder: 'mount a' }, holds);
+    await rewrite(file, { bootId: 'some-earlier-boot' }); // pid: this very process
+    expect(await liveHolds(repo, holds)).toEqual([]);
+  });
+
+  it("holds are per repository (by real path), another host's holds count as live, an unreadable or malformed hold is an error", async () => {
     const other = join(dir.path, 'other');
     await mkdir(other);
-    const file = await placeHold({ repository: join(repo, '..', 'repo'), vm: 'vm1', point: 'p1', holder: 'mount a' }, holds);
+    const link = join(dir.path, 'repo-link');
+    await symlink(repo, link);
+    const file = await placeHold({ repository: link, vm: 'vm1', point: 'p1', holder: 'mount a' }, holds);
     expect(await liveHolds(other, holds)).toEqual([]);
     expect(await liveHolds(repo, holds)).toHaveLength(1);
     // A stale hold of another repository is cleaned up by a look at this one.
@@ -65,12 +78,64 @@ describe('mount holds', () => {
     await rewrite(file, { pid: deadPid(), host: 'some-other-host' });
     expect(await liveHolds(repo, holds)).toHaveLength(1);
     await writeFile(file, '{"version":1,');
-    await expect(liveHolds(repo, holds)).rejects.toThrow(/hold file .* is unreadable/);
+    await expect(liveHolds(repo, holds)).rejects.toThrow(/hold file .* is not JSON/);
+    await writeFile(file, 'null');
+    await expect(liveHolds(repo, holds)).rejects.toThrow(/hold file .* is not a hold/);
   });
 
   it('placing the same hold twice gives one file', async () => {
     const req = { repository: repo, vm: 'vm1', point: 'p1', holder: 'mount a', deltaRecord: join(dir.path, 'x', 'mount.json') };
     expect(await placeHold(req, holds)).toBe(await placeHold(req, holds));
     expect(await readdir(holds)).toHaveLength(1);
+  });
+});
+
+describe('prune and gc with holds (a real repository)', () => {
+  const CHUNK = 64 * 1024;
+  async function threePoints(): Promise<string[]> {
+    const ids: string[] = [];
+    for (let seed = 1; seed <= 3; seed++) {
+      const r = await backupSource(repo, new BufferSource(pseudoRandomBytes(4 * CHUNK, seed)), { vm: 'vm1', chunkSize: CHUNK });
+      ids.push(r.info.id);
+    }
+    return ids;
+  }
+  const indexPath = (id: string): string => join(repo, 'vms', 'vm1', `${id}.index`);
+
+  it('prune keeps a held point; an index a dead prune left aside is put back by the next prune', async () => {
+    const [p1, p2, p3] = await threePoints();
+    await placeHold({ repository: repo, vm: 'vm1', point: p1!, holder: 'mount m1' }, holds);
+    // A prune that died after moving p2's index aside.
+    await rename(indexPath(p2!), `${indexPath(p2!)}.pruning-${deadPid()}`);
+    const result = await pruneVm(repo, 'vm1', 1, { holdsDir: holds });
+    expect(result.held.map((h) => [h.id, h.by.startsWith('mount m1 (server pid')])).toEqual([[p1, true]]);
+    expect(result.removed).toEqual([p2]); // put back, then pruned for real
+    expect(result.kept).toEqual([p1, p3]);
+    expect((await readdir(join(repo, 'vms', 'vm1'))).sort()).toEqual([`${p1}.index`, `${p3}.index`]);
+    // A malformed hold might protect anything: prune and gc stop and name it.
+    await writeFile(join(holds, '0123456789abcdef01234567.json'), 'null');
+    await expect(pruneVm(repo, 'vm1', 0, { holdsDir: holds })).rejects.toThrow(/hold file .* is not a hold/);
+    await expect(collectGarbage(repo, { holdsDir: holds })).rejects.toThrow(/hold file .* is not a hold/);
+    expect(await readdir(join(repo, 'vms', 'vm1'))).toHaveLength(2);
+  });
+
+  it('gc marks an index a running prune has moved aside, and refuses while a held point has no index', async () => {
+    const [p1] = await threePoints();
+    const old = new Date(Date.now() - 3_600_000);
+    for (const f of await chunkStoreFiles(repo)) await utimes(f, old, old);
+    // A prune (this process: alive) in the middle of its re-check: p1's index is aside.
+    const aside = `${indexPath(p1!)}.pruning-${process.pid}`;
+    await rename(indexPath(p1!), aside);
+    const gc = await collectGarbage(repo, { graceMs: 0, holdsDir: holds });
+    expect(gc.removedChunks).toBe(0);
+    await rename(aside, indexPath(p1!));
+    expect((await verifyRepository(repo)).brokenIndexes).toEqual([]);
+    // Held, and its index gone for good: gc deletes nothing.
+    await placeHold({ repository: repo, vm: 'vm1', point: p1!, holder: 'mount m1' }, holds);
+    await rename(indexPath(p1!), join(dir.path, 'saved.index'));
+    await expect(collectGarbage(repo, { graceMs: 0, holdsDir: holds })).rejects.toThrow(`gc refused: restore point vm1@${p1} is used by mount m1`);
+    await rename(join(dir.path, 'saved.index'), indexPath(p1!));
+    expect((await collectGarbage(repo, { graceMs: 0, holdsDir: holds })).removedChunks).toBe(0);
+    expect((await verifyRepository(repo)).brokenIndexes).toEqual([]);
   });
 });
