@@ -237,7 +237,8 @@ describe('bootrestore mount / mounts / commit / unmount', () => {
     expect(conv.exitCode, conv.stderr).toBe(0);
     expect((await readFile(copy)).equals(expected)).toBe(true);
 
-    // Discarded, nothing holds the point any more: prune removes it.
+    // Discarded (here a kept, unmounted delta), nothing holds the point any more: prune removes it.
+    await cli(['unmount', '--config', configFile, 'db1-old', '--keep']);
     await cli(['unmount', '--config', configFile, 'db1-old', '--discard']);
     const finalPrune = await cli(['prune', '--repo', repo, '--vm', 'db1', '--keep-last', '1']);
     expect(finalPrune.stdout).toContain(`removed db1/${oldPoint}`);
