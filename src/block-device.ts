@@ -104,11 +104,24 @@ export class StorageError extends Error {
 export type StorageErrorKind =
   /** Data cannot be read back correctly (corrupt or missing chunk, I/O error on read) → 03/11/00. */
   | 'medium-error'
-  /** A write could not be stored (I/O error on write, disk full) → 03/0C/00. */
+  /** A write could not be stored (I/O error on write) → 03/0C/00. */
   | 'write-error'
+  /**
+   * The storage behind the LUN is full (ENOSPC, EDQUOT) → 07/27/07 SPACE ALLOCATION FAILED WRITE
+   * PROTECT (SBC-3 4.7.3.7): initiators treat it as "out of space" (QEMU's default werror=enospc
+   * pauses the VM, the Linux block layer returns ENOSPC) instead of as a failing disk.
+   */
+  | 'space-exhausted'
   /** The device refuses writes → 07/27/00. */
   | 'write-protected';
 
 export function isStorageError(e: unknown): e is StorageError {
   return e instanceof StorageError;
+}
+
+/** A StorageError for a failed write, flush or journal update: 'space-exhausted' when the file system is full. */
+export function writeFailure(message: string, cause: unknown): StorageError {
+  const code = (cause as { code?: unknown } | null)?.code;
+  const full = code === 'ENOSPC' || code === 'EDQUOT';
+  return new StorageError(full ? `${message} (no space left for it)` : message, full ? 'space-exhausted' : 'write-error', { cause });
 }

@@ -12,6 +12,7 @@ import {
   StorageError,
   type WriteOptions,
   wholeRead,
+  writeFailure,
 } from '../block-device.js';
 import type { RestorePointReader } from '../backup/types.js';
 import { chunkFileBufferSize } from '../backup/reader.js';
@@ -613,7 +614,7 @@ function isAllZero(buf: Buffer): boolean {
 
 function asWriteError(err: unknown): unknown {
   if (err instanceof StorageError || err instanceof RangeError) return err;
-  return new StorageError(`write failed: ${err instanceof Error ? err.message : String(err)}`, 'write-error', { cause: err });
+  return writeFailure(`write failed: ${err instanceof Error ? err.message : String(err)}`, err);
 }
 
 export function changedChunks(device: BackupBlockDevice): AsyncGenerator<ChangedChunk> {

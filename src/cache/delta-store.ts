@@ -20,7 +20,7 @@ import { constants as fsConstants, promises as fsp } from 'node:fs';
 import type { FileHandle } from 'node:fs/promises';
 import * as path from 'node:path';
 import { crc32 } from 'node:zlib';
-import { StorageError } from '../block-device.js';
+import { StorageError, writeFailure } from '../block-device.js';
 import type { Logger } from '../log.js';
 import { RangeLock } from './range-lock.js';
 import { UNIT_BASE, UNIT_PRESENT, UNIT_ZERO, UnitMap, type UnitState } from './unit-map.js';
@@ -454,7 +454,7 @@ export class DeltaStore {
         done += bytesWritten;
       }
     } catch (err) {
-      throw new StorageError(`delta write at ${position}+${buf.length} failed: ${errorText(err)}`, 'write-error', { cause: err });
+      throw writeFailure(`delta write at ${position}+${buf.length} failed: ${errorText(err)}`, err);
     }
   }
 
@@ -462,7 +462,7 @@ export class DeltaStore {
     try {
       await this.dataFile.datasync();
     } catch (err) {
-      throw new StorageError(`delta data sync failed: ${errorText(err)}`, 'write-error', { cause: err });
+      throw writeFailure(`delta data sync failed: ${errorText(err)}`, err);
     }
   }
 
@@ -470,7 +470,7 @@ export class DeltaStore {
     try {
       await this.journalFile.datasync();
     } catch (err) {
-      throw new StorageError(`delta journal sync failed: ${errorText(err)}`, 'write-error', { cause: err });
+      throw writeFailure(`delta journal sync failed: ${errorText(err)}`, err);
     }
   }
 
@@ -511,7 +511,7 @@ export class DeltaStore {
         for (const p of batch) p.resolve();
       } catch (err) {
         if (this.broken === null) {
-          this.broken = new StorageError(`delta journal write failed: ${errorText(err)}`, 'write-error', { cause: err });
+          this.broken = writeFailure(`delta journal write failed: ${errorText(err)}; this mount refuses writes until it is mounted again`, err);
           this.logger.error({ err, dir: this.dir }, 'delta journal write failed: refusing further writes to this mount');
         }
         for (const p of batch) p.reject(this.broken);

@@ -2,6 +2,7 @@ import { open, type FileHandle } from 'node:fs/promises';
 import { constants as fsConstants, read as readAt } from 'node:fs';
 import {
   StorageError,
+  writeFailure,
   type BlockDevice,
   type BlockDeviceIdentity,
   type LbaRange,
@@ -159,9 +160,7 @@ export class FileBlockDevice implements BlockDevice {
       }
       if (opts.fua) await this.handle.datasync();
     } catch (err) {
-      throw new StorageError(`write of ${this.path} at LBA ${lba} failed: ${(err as Error).message}`, 'write-error', {
-        cause: err,
-      });
+      throw writeFailure(`write of ${this.path} at LBA ${lba} failed: ${(err as Error).message}`, err);
     }
   }
 
@@ -170,7 +169,7 @@ export class FileBlockDevice implements BlockDevice {
     try {
       await this.handle.datasync();
     } catch (err) {
-      throw new StorageError(`flush of ${this.path} failed: ${(err as Error).message}`, 'write-error', { cause: err });
+      throw writeFailure(`flush of ${this.path} failed: ${(err as Error).message}`, err);
     }
   }
 

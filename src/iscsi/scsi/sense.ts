@@ -38,6 +38,7 @@ export const enum SenseReason {
   TooManySegmentDescriptors,
   UnsupportedSegmentDescriptorType,
   CopyTargetDeviceNotReachable,
+  SpaceAllocationFailedWriteProtect,
   /** Status RESERVATION CONFLICT, no sense data (SAM-5 5.3.1). */
   ReservationConflict,
   /** Status TASK ABORTED, no sense data. */
@@ -105,6 +106,7 @@ const SENSE_CODES: readonly SenseCode[] = [
   /* TooManySegmentDescriptors */ check(SenseKey.IllegalRequest, 0x26, 0x08),
   /* UnsupportedSegmentDescriptorType */ check(SenseKey.IllegalRequest, 0x26, 0x09),
   /* CopyTargetDeviceNotReachable */ check(SenseKey.CopyAborted, 0x0d, 0x02),
+  /* SpaceAllocationFailedWriteProtect (SBC-3 4.7.3.7) */ check(SenseKey.DataProtect, 0x27, 0x07),
   /* ReservationConflict */ { status: ScsiStatus.ReservationConflict, key: 0, asc: 0, ascq: 0 },
   /* TaskAborted */ { status: ScsiStatus.TaskAborted, key: 0, asc: 0, ascq: 0 },
 ];

@@ -39,6 +39,7 @@ const MAX_PENDING_UNIT_ATTENTIONS = 16;
 const STORAGE_ERROR_REASONS: Record<StorageErrorKind, SenseReason> = {
   'medium-error': SenseReason.UnrecoveredReadError,
   'write-error': SenseReason.WriteError,
+  'space-exhausted': SenseReason.SpaceAllocationFailedWriteProtect,
   'write-protected': SenseReason.WriteProtected,
 };
 

@@ -92,7 +92,7 @@ describe('READ / WRITE', () => {
     expect(device.writes).toHaveLength(0);
   });
 
-  it('maps storage errors to sense: medium error 03/11/00, write error 03/0C/00, write protected 07/27/00', async () => {
+  it('maps storage errors to sense: medium error 03/11/00, write error 03/0C/00, write protected 07/27/00, out of space 07/27/07', async () => {
     const { target, nexus, device } = await makeFixture();
     device.failNext = 'medium-error';
     expectSense(await exec(target, nexus, read10(0, 1)), 0x03, 0x11, 0x00);
@@ -100,6 +100,8 @@ describe('READ / WRITE', () => {
     expectSense(await exec(target, nexus, write10(0, 1), { dataOut: filled(1, 1) }), 0x03, 0x0c, 0x00);
     device.failNext = 'write-protected';
     expectSense(await exec(target, nexus, write10(0, 1), { dataOut: filled(1, 1) }), 0x07, 0x27, 0x00);
+    device.failNext = 'space-exhausted';
+    expectSense(await exec(target, nexus, write10(0, 1), { dataOut: filled(1, 1) }), 0x07, 0x27, 0x07);
     expectGood(await exec(target, nexus, read10(0, 1)));
   });
 

@@ -12,6 +12,7 @@ describe('sense reasons', () => {
       [SenseReason.WriteProtected, 0x07, 0x27, 0x00],
       [SenseReason.UnrecoveredReadError, 0x03, 0x11, 0x00],
       [SenseReason.WriteError, 0x03, 0x0c, 0x00],
+      [SenseReason.SpaceAllocationFailedWriteProtect, 0x07, 0x27, 0x07],
       [SenseReason.MiscompareDuringVerify, 0x0e, 0x1d, 0x00],
       [SenseReason.PowerOnReset, 0x06, 0x29, 0x00],
       [SenseReason.CapacityDataChanged, 0x06, 0x2a, 0x09],

@@ -1,0 +1,81 @@
+/**
+ * A mounted restore point whose delta's file system fills up (a 2 MiB tmpfs as deltaDir), with a
+ * real initiator (qemu-io over libiscsi): the write that finds no space fails with SPACE
+ * ALLOCATION FAILED WRITE PROTECT (07/27/07), which QEMU turns into ENOSPC ("No space left on
+ * device"; a QEMU guest with the default werror=enospc is paused, not handed an I/O error); every
+ * write acknowledged before it, flushed, reads back; reads keep working; the repository is untouched.
+ * Needs permission to mount a tmpfs (CI runs as root); without it the test is reported skipped.
+ */
+import { spawnSync } from 'node:child_process';
+import { mkdir, readFile } from 'node:fs/promises';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { runCommand } from '../helpers/exec.js';
+import { startServerProcess, type ServerProcess } from '../helpers/server.js';
+import { makeTempDir, type TempDir } from '../helpers/tmp.js';
+import { backupImage, hashTree, writeTestImage } from '../helpers/repo.js';
+
+const IQN = 'iqn.2026-12.io.bootrestore.test:deltafull';
+const MiB = 1 << 20;
+const IMAGE_SIZE = 16 * MiB;
+
+let dir: TempDir;
+let deltaMount: string;
+let mounted = false;
+let server: ServerProcess | undefined;
+
+beforeAll(async () => {
+  dir = await makeTempDir('delta-full');
+  deltaMount = join(dir.path, 'deltas');
+  await mkdir(deltaMount);
+  mounted = spawnSync('mount', ['-t', 'tmpfs', '-o', 'size=2m', 'tmpfs', deltaMount]).status === 0;
+});
+
+afterAll(async () => {
+  await server?.stop();
+  if (mounted) spawnSync('umount', [deltaMount]);
+  await dir?.remove();
+});
+
+describe('a full delta file system', () => {
+  it.skipIf(process.getuid?.() !== 0)('fails the write that finds no space with 07/27/07 and loses no acknowledged write', async () => {
+    expect(mounted, 'mount -t tmpfs failed although running as root').toBe(true);
+    const image = join(dir.path, 'base.img');
+    await writeTestImage(image, IMAGE_SIZE, 11);
+    const repo = join(dir.path, 'repo');
+    const point = await backupImage(image, repo, 'full');
+    const before = await hashTree(repo);
+    server = await startServerProcess({
+      repository: repo,
+      deltaDir: deltaMount,
+      cache: { maxBytes: '16MiB' },
+      targets: [{ iqn: IQN, luns: [{ lun: 0, backup: { vm: 'full', point } }] }],
+    });
+    const url = server.url(0);
+
+    // 1 MiB acknowledged and flushed: fits.
+    const first = await runCommand('qemu-io', ['-f', 'raw', '-c', 'write -P 0x61 0 1M', '-c', 'flush', url], { timeoutMs: 60_000 });
+    expect(first.exitCode, first.stderr + first.stdout).toBe(0);
+    expect(first.stdout + first.stderr).not.toMatch(/failed/i);
+    // 4 MiB more cannot fit in what is left of 2 MiB.
+    const second = await runCommand('qemu-io', ['-f', 'raw', '-c', `write -P 0x62 ${4 * MiB} 4M`, url], { timeoutMs: 60_000 });
+    expect(second.stdout + second.stderr).toMatch(/No space left on device/);
+
+    // The flushed write and the untouched base read back; reads of the LUN keep working.
+    const copy = join(dir.path, 'after.img');
+    const conv = await runCommand('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', url, copy], { timeoutMs: 120_000 });
+    expect(conv.exitCode, conv.stderr).toBe(0);
+    const got = await readFile(copy);
+    const base = await readFile(image);
+    expect(got.subarray(0, MiB).equals(Buffer.alloc(MiB, 0x61))).toBe(true);
+    expect(got.subarray(MiB, 4 * MiB).equals(base.subarray(MiB, 4 * MiB))).toBe(true);
+    // Where the failed write went: each 512-byte sector is the old or the new content, never other bytes.
+    for (let at = 4 * MiB; at < 8 * MiB; at += 512) {
+      const sector = got.subarray(at, at + 512);
+      if (!sector.equals(base.subarray(at, at + 512)) && !sector.equals(Buffer.alloc(512, 0x62))) throw new Error(`sector at ${at} is garbage`);
+    }
+    expect(got.subarray(8 * MiB).equals(base.subarray(8 * MiB))).toBe(true);
+    expect(await hashTree(repo)).toEqual(before);
+    expect(server.stderr()).toMatch(/no space left/i);
+  });
+});
