@@ -130,8 +130,23 @@ export class BootrestoreService implements LunHost {
       await this.server?.removeTarget(iqn);
     }
     target.devices.delete(lun);
-    if (!device.readOnly) await device.flush();
-    await target.scsi.removeLun(lun);
+    await this.flushAndRemove(target, lun, device);
+  }
+
+  /**
+   * Flush, then remove (and close) a LUN. A failed flush (a full or failing disk) does not keep the
+   * LUN open: closing loses nothing that is not lost anyway (a mount's delta keeps its journal, which
+   * the next open recovers), and the caller's unmount or stop must go through. Both are logged.
+   */
+  private async flushAndRemove(target: RunningTarget, lun: number, device: BlockDevice): Promise<void> {
+    if (!device.readOnly) {
+      await device.flush().catch((err: unknown) => {
+        this.logger.error({ target: target.iqn, lun, err }, 'flush before closing the LUN failed');
+      });
+    }
+    await target.scsi.removeLun(lun).catch((err: unknown) => {
+      this.logger.error({ target: target.iqn, lun, err }, 'closing LUN failed');
+    });
   }
 
   /** Stop accepting, let in-flight commands finish, close sockets, then flush and close every LUN. */
@@ -141,14 +156,7 @@ export class BootrestoreService implements LunHost {
     if (this.server) await this.server.stop();
     this.server = undefined;
     for (const t of this.targets.values()) {
-      for (const [lun, device] of t.devices) {
-        try {
-          if (!device.readOnly) await device.flush();
-          await t.scsi.removeLun(lun);
-        } catch (err) {
-          this.logger.error({ target: t.iqn, lun, err }, 'closing LUN failed');
-        }
-      }
+      for (const [lun, device] of t.devices) await this.flushAndRemove(t, lun, device);
       t.devices.clear();
     }
     await this.mounts?.closeAll();

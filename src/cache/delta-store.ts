@@ -462,7 +462,7 @@ export class DeltaStore {
     try {
       await this.dataFile.datasync();
     } catch (err) {
-      throw writeFailure(`delta data sync failed: ${errorText(err)}`, err);
+      throw this.breakOnSyncFailure('data', err);
     }
   }
 
@@ -470,8 +470,25 @@ export class DeltaStore {
     try {
       await this.journalFile.datasync();
     } catch (err) {
-      throw writeFailure(`delta journal sync failed: ${errorText(err)}`, err);
+      throw this.breakOnSyncFailure('journal', err);
     }
+  }
+
+  /**
+   * A failed fdatasync is final: the kernel may have dropped the dirty pages it could not write and
+   * marked them clean, so a later sync that succeeds would not mean they are on disk, and a later
+   * barrier would cover lost writes. The store refuses writes and flushes from then on (reads go on)
+   * with a WRITE ERROR — never "out of space", which makes initiators retry — until it is opened
+   * again; recovery then checks every unflushed record against the data file.
+   */
+  private breakOnSyncFailure(file: 'data' | 'journal', err: unknown): Error {
+    if (this.broken === null) {
+      this.broken = new StorageError(`delta ${file} sync failed: ${errorText(err)}; this mount refuses writes until it is mounted again`, 'write-error', {
+        cause: err,
+      });
+      this.logger.error({ err, dir: this.dir }, `delta ${file} sync failed: refusing further writes to this mount`);
+    }
+    return this.broken;
   }
 
   /** The highest seq such that every present record up to it has its data in the data file. */

@@ -76,8 +76,8 @@ export class ControlServer {
     if (parts.length === 3 && method === 'DELETE') {
       const delta = url.searchParams.get('delta') ?? 'keep';
       if (delta !== 'keep' && delta !== 'discard') throw new MountError('delta must be "keep" or "discard"', 400);
-      await mounts.unmount(parts[2]!, delta);
-      return send(res, 200, { unmounted: parts[2], delta });
+      const { warning } = await mounts.unmount(parts[2]!, delta);
+      return send(res, 200, { unmounted: parts[2], delta, ...(warning !== undefined ? { warning } : {}) });
     }
     if (parts.length === 4 && parts[3] === 'commit' && method === 'POST') return send(res, 200, await mounts.commit(parts[2]!));
     send(res, 404, { error: `no such endpoint ${method} ${url.pathname}` });

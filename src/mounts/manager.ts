@@ -268,7 +268,8 @@ export class MountManager {
     return this.describe(active);
   }
 
-  unmount(name: string, delta: 'keep' | 'discard'): Promise<void> {
+  /** Remove a mount. A kept delta whose record cannot be updated (no room) is still unmounted: see `warning`. */
+  unmount(name: string, delta: 'keep' | 'discard'): Promise<{ warning?: string }> {
     return this.exclusive(async () => {
       const m = this.mounts.get(name);
       if (!m) {
@@ -276,7 +277,7 @@ export class MountManager {
         if (rec && delta === 'discard' && this.deltaDir) {
           await rm(join(this.deltaDir, name), { recursive: true, force: true });
           await releaseHold(await holdPath(this.holdRequest(rec)));
-          return;
+          return {};
         }
         throw new MountError(`no mount named "${name}"`, 404);
       }
@@ -284,17 +285,24 @@ export class MountManager {
       await this.host.detach(m.record.iqn, m.record.lun); // closes the device after flushing
       if (!this.deltaDir) {
         await releaseHold(m.holdFile);
-        return;
+        return {};
       }
       // A kept delta keeps its hold: it is worthless without its restore point.
+      let warning: string | undefined;
       if (delta === 'discard') {
         await rm(join(this.deltaDir, name), { recursive: true, force: true });
         await releaseHold(m.holdFile);
       } else {
-        await this.writeRecord({ ...m.record, active: false });
+        // The LUN is gone and the delta is on disk either way; a record that still says "active"
+        // (e.g. its file system is full) only means the next server start mounts it again.
+        await this.writeRecord({ ...m.record, active: false }).catch((err: unknown) => {
+          warning = `the delta is kept, but its record could not be updated (${(err as Error).message}): the next server start mounts it again`;
+          this.logger.warn({ mount: name, err }, 'could not mark the kept mount inactive');
+        });
         if (m.record.readOnly) await releaseHold(m.holdFile);
       }
       this.logger.info({ mount: name, delta }, 'unmounted');
+      return warning !== undefined ? { warning } : {};
     });
   }
 

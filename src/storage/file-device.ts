@@ -106,6 +106,8 @@ export class FileBlockDevice implements BlockDevice {
   readonly supportsUnmap = true;
   private zeroBlock: Buffer | undefined;
   private readonly slab = new ReadSlab();
+  /** Set by the first failed fdatasync: see sync(). */
+  private syncFailed: StorageError | null = null;
 
   private constructor(
     private readonly handle: FileHandle,
@@ -152,24 +154,39 @@ export class FileBlockDevice implements BlockDevice {
 
   async write(lba: number, data: Buffer, opts: WriteOptions): Promise<void> {
     if (this.readOnly) throw new StorageError(`${this.path} is read-only`, 'write-protected');
+    if (this.syncFailed !== null) throw this.syncFailed;
     try {
       let done = 0;
       while (done < data.length) {
         const { bytesWritten } = await this.handle.write(data, done, data.length - done, lba * this.blockSize + done);
         done += bytesWritten;
       }
-      if (opts.fua) await this.handle.datasync();
     } catch (err) {
       throw writeFailure(`write of ${this.path} at LBA ${lba} failed: ${(err as Error).message}`, err);
     }
+    if (opts.fua) await this.sync(`write of ${this.path} at LBA ${lba}`);
   }
 
   async flush(): Promise<void> {
     if (this.readOnly) return;
+    await this.sync(`flush of ${this.path}`);
+  }
+
+  /**
+   * fdatasync; a failure is final for this open file: the kernel may have dropped the dirty pages it
+   * could not write (and marked them clean), so a later sync that succeeds would not mean the
+   * earlier writes are on disk. Every later write and flush fails with the same WRITE ERROR
+   * (never "out of space", which invites the initiator to retry) until the LUN is opened again.
+   */
+  private async sync(what: string): Promise<void> {
+    if (this.syncFailed !== null) throw this.syncFailed;
     try {
       await this.handle.datasync();
     } catch (err) {
-      throw writeFailure(`flush of ${this.path} failed: ${(err as Error).message}`, err);
+      this.syncFailed ??= new StorageError(`${what} failed: data sync: ${(err as Error).message}; this LUN refuses writes until it is opened again`, 'write-error', {
+        cause: err,
+      });
+      throw this.syncFailed;
     }
   }
 

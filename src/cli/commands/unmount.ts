@@ -21,7 +21,8 @@ export async function run(argv: string[]): Promise<number> {
   const discard = args.booleans.has('discard');
   if (keep === discard) throw new UsageError('give exactly one of --keep (leave the delta on disk) or --discard (delete it)');
   const client = await requireServer(requireValue(args, 'config'));
-  await client.request('DELETE', `/v1/mounts/${encodeURIComponent(name)}?delta=${keep ? 'keep' : 'discard'}`);
+  const result = await client.request<{ warning?: string }>('DELETE', `/v1/mounts/${encodeURIComponent(name)}?delta=${keep ? 'keep' : 'discard'}`);
   process.stdout.write(`unmounted ${name} (delta ${keep ? 'kept' : 'discarded'})\n`);
+  if (result.warning !== undefined) process.stderr.write(`warning: ${result.warning}\n`);
   return 0;
 }

@@ -10,6 +10,7 @@ import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
 import { DeltaStore, RECORD_SIZE, UNIT_BASE, UNIT_PRESENT, UNIT_ZERO } from '../../../src/cache/delta-store.js';
 import { silentLogger } from '../../../src/log.js';
+import type { StorageError } from '../../../src/block-device.js';
 import { patternBytes } from '../../helpers/fake-restore-point.js';
 
 const SIZE = 1024 * 1024;
@@ -190,6 +191,47 @@ describe('DeltaStore', () => {
     } finally {
       await reopened.close();
     }
+  });
+
+  it('a data write that finds no space fails as space-exhausted; once there is space the mount goes on', async () => {
+    const dir = join(scratch, 'enospc');
+    const store = await DeltaStore.open({ dir, sizeBytes: SIZE, logger });
+    const dataFile = (store as unknown as { dataFile: FileHandle }).dataFile;
+    const write = dataFile.write.bind(dataFile) as (...args: unknown[]) => Promise<unknown>;
+    let full = true;
+    (dataFile as unknown as { write: (...args: unknown[]) => Promise<unknown> }).write = async (...args: unknown[]) => {
+      if (full) throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' });
+      return write(...args);
+    };
+    await store.write(2 * 4096, Buffer.alloc(4096, 0xa2), true, readBase).then(
+      () => expect.unreachable('the write must fail'),
+      (err: unknown) => expect((err as StorageError).kind).toBe('space-exhausted'),
+    );
+    full = false;
+    await store.write(3 * 4096, Buffer.alloc(4096, 0xa3), false, readBase);
+    await store.flush();
+    expect(store.state(2)).toBe(UNIT_BASE);
+    expect((await view(store, 3 * 4096, 4096)).every((b) => b === 0xa3)).toBe(true);
+    await store.close();
+  });
+
+  it('after a failed fdatasync every later flush and write fails (a later sync proves nothing); reads go on', async () => {
+    const dir = join(scratch, 'sync-fails');
+    const store = await DeltaStore.open({ dir, sizeBytes: SIZE, logger });
+    await store.write(4 * 4096, Buffer.alloc(4096, 0xb4), false, readBase);
+    const dataFile = (store as unknown as { dataFile: FileHandle }).dataFile;
+    const datasync = dataFile.datasync.bind(dataFile);
+    let failures = 1;
+    dataFile.datasync = async () => {
+      if (failures-- > 0) throw Object.assign(new Error('ENOSPC: no space left on device, fdatasync'), { code: 'ENOSPC' });
+      return datasync();
+    };
+    const failed = await store.flush().then(() => null, (err: unknown) => err as StorageError);
+    expect(failed?.kind).toBe('write-error'); // not "out of space": that would invite a retry
+    await expect(store.flush()).rejects.toThrow(/refuses writes until it is mounted again/);
+    await expect(store.write(5 * 4096, Buffer.alloc(4096, 0xb5), false, readBase)).rejects.toThrow(/refuses writes/);
+    expect((await view(store, 4 * 4096, 4096)).every((b) => b === 0xb4)).toBe(true);
+    await store.close();
   });
 
   it('discards unflushed records whose data never reached the data file: old content, never a hole', async () => {

@@ -90,3 +90,37 @@ describe('FileBlockDevice reads', () => {
     expect((failure as StorageError).message).toMatch(/LBA 0/);
   });
 });
+
+describe('FileBlockDevice write failures', () => {
+  it('ENOSPC on a write is space-exhausted; after a failed fdatasync every flush and write fails', async () => {
+    const dir = await mkdtemp(join(tmpdir(), 'bootrestore-file-device-w-'));
+    try {
+      const path = join(dir, 'lun.img');
+      await writeFile(path, Buffer.alloc(64 * 512));
+      const device = await FileBlockDevice.open({ path, readOnly: false, identity });
+      const handle = (device as unknown as { handle: { write: (...a: unknown[]) => Promise<unknown>; datasync: () => Promise<void> } }).handle;
+      const write = handle.write.bind(handle);
+      const datasync = handle.datasync.bind(handle);
+      handle.write = async () => {
+        throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' });
+      };
+      const full = await device.write(0, Buffer.alloc(512, 1), { fua: false }).then(() => null, (e: unknown) => e as StorageError);
+      expect(full?.kind).toBe('space-exhausted');
+      handle.write = write;
+      await device.write(0, Buffer.alloc(512, 2), { fua: false });
+      let failures = 1;
+      handle.datasync = async () => {
+        if (failures-- > 0) throw Object.assign(new Error('EIO: i/o error, fdatasync'), { code: 'EIO' });
+        return datasync();
+      };
+      const failed = await device.flush().then(() => null, (e: unknown) => e as StorageError);
+      expect(failed?.kind).toBe('write-error');
+      await expect(device.flush()).rejects.toThrow(/refuses writes until it is opened again/);
+      await expect(device.write(1, Buffer.alloc(512, 3), { fua: true })).rejects.toThrow(/refuses writes/);
+      expect((await device.read(0, 1)).every((b) => b === 2)).toBe(true);
+      await device.close();
+    } finally {
+      await rm(dir, { recursive: true, force: true });
+    }
+  });
+});
