@@ -84,6 +84,8 @@ export interface DeltaStoreStats {
    * in the data file on recovery: they kept their previous content.
    */
   readonly discardedUnits: number;
+  /** Why this delta refuses writes (a failed journal append or sync) until it is opened again; absent while it takes them. */
+  readonly refusingWrites?: string;
 }
 
 interface JournalRecord {
@@ -377,6 +379,7 @@ export class DeltaStore {
       deltaBytes: present * this.unitSize,
       journalBytes: this.journalEnd,
       ...this.counters,
+      ...(this.broken !== null ? { refusingWrites: this.broken.message } : {}),
     };
   }
 

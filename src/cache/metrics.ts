@@ -53,6 +53,8 @@ export interface LunMetricsSource {
   readonly metrics: DeviceMetrics;
   /** Bytes currently held in the LUN's delta (present units × unit size). */
   readonly deltaBytes?: number;
+  /** The LUN's delta refuses writes until it is opened again (a failed journal append or sync). */
+  readonly refusingWrites?: boolean;
 }
 
 /** Render LUN metrics and (optionally) the process-wide chunk cache statistics. */
@@ -78,6 +80,11 @@ export function renderPrometheus(luns: ReadonlyArray<LunMetricsSource>, cache?: 
 
   out.push('# HELP bootrestore_lun_delta_bytes Bytes of the LUN held in its write delta.', '# TYPE bootrestore_lun_delta_bytes gauge');
   for (const l of luns) out.push(`bootrestore_lun_delta_bytes${labelText(l.labels)} ${formatNumber(l.deltaBytes ?? 0)}`);
+  out.push(
+    '# HELP bootrestore_lun_delta_refusing_writes 1 while the delta refuses writes until the mount is opened again (failed journal append or sync).',
+    '# TYPE bootrestore_lun_delta_refusing_writes gauge',
+  );
+  for (const l of luns) out.push(`bootrestore_lun_delta_refusing_writes${labelText(l.labels)} ${l.refusingWrites ? 1 : 0}`);
   out.push('# HELP bootrestore_lun_requests_in_flight Reads and writes started and not finished.', '# TYPE bootrestore_lun_requests_in_flight gauge');
   for (const l of luns) {
     out.push(`bootrestore_lun_requests_in_flight${labelText(l.labels, ['op', 'read'])} ${l.metrics.readsInFlight}`);

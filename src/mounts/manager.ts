@@ -51,6 +51,8 @@ export interface MountInfo extends MountRecord {
   readonly cache: { hits: number; misses: number; crossMountHits: number };
   readonly reads: number;
   readonly writes: number;
+  /** Why the mount's delta refuses writes until it is mounted again (docs/delta-format.md); absent while it takes them. */
+  readonly refusingWrites?: string;
 }
 
 /** How mounts reach the iSCSI side (implemented by BootrestoreService). */
@@ -347,7 +349,7 @@ export class MountManager {
       return {
         labels: { mount: m.record.name, vm: m.record.vm, point: m.record.point, target: m.record.iqn, lun: String(m.record.lun) },
         metrics: s.metrics,
-        ...(s.delta ? { deltaBytes: s.delta.deltaBytes } : {}),
+        ...(s.delta ? { deltaBytes: s.delta.deltaBytes, refusingWrites: s.delta.refusingWrites !== undefined } : {}),
       };
     });
     return renderPrometheus(luns, this.cache.stats());
@@ -372,6 +374,7 @@ export class MountManager {
       naa: m.device.identity.naa.toString('hex'),
       blocks: m.device.blockCount,
       deltaBytes: s.delta?.deltaBytes ?? 0,
+      ...(s.delta?.refusingWrites !== undefined ? { refusingWrites: s.delta.refusingWrites } : {}),
       cache: cacheStats,
       reads: s.metrics.reads,
       writes: s.metrics.writes,

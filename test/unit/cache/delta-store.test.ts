@@ -203,10 +203,12 @@ describe('DeltaStore', () => {
       if (full) throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' });
       return write(...args);
     };
+    expect(store.stats().refusingWrites).toBeUndefined();
     await store.write(2 * 4096, Buffer.alloc(4096, 0xa2), true, readBase).then(
       () => expect.unreachable('the write must fail'),
       (err: unknown) => expect((err as StorageError).kind).toBe('space-exhausted'),
     );
+    expect(store.stats().refusingWrites).toBeUndefined(); // a failed data write does not stop the mount
     full = false;
     await store.write(3 * 4096, Buffer.alloc(4096, 0xa3), false, readBase);
     await store.flush();
@@ -228,6 +230,7 @@ describe('DeltaStore', () => {
     };
     const failed = await store.flush().then(() => null, (err: unknown) => err as StorageError);
     expect(failed?.kind).toBe('write-error'); // not "out of space": that would invite a retry
+    expect(store.stats().refusingWrites).toMatch(/delta data sync failed/);
     await expect(store.flush()).rejects.toThrow(/refuses writes until it is mounted again/);
     await expect(store.write(5 * 4096, Buffer.alloc(4096, 0xb5), false, readBase)).rejects.toThrow(/refuses writes/);
     expect((await view(store, 4 * 4096, 4096)).every((b) => b === 0xb4)).toBe(true);

@@ -67,6 +67,9 @@ describe('metrics', () => {
       expect(s.get(`bootrestore_lun_decompressed_bytes_total${l}`)).toBe(256 * 1024);
       // One 4 KiB unit holds data (the write, filled to a whole unit); the unmapped unit holds none.
       expect(s.get(`bootrestore_lun_delta_bytes${l}`)).toBe(4096);
+      expect(s.get(`bootrestore_lun_delta_refusing_writes${l}`)).toBe(0);
+      const refusing = parseSamples(renderPrometheus([{ labels: { lun: '1' }, metrics: new DeviceMetrics(), refusingWrites: true }]));
+      expect(refusing.get('bootrestore_lun_delta_refusing_writes{lun="1"}')).toBe(1);
       expect(s.get(`bootrestore_lun_flushes_total${l}`)).toBe(1);
       expect(s.get(`bootrestore_lun_requests_in_flight${l.slice(0, -1)},op="read"}`)).toBe(0);
       expect(s.get(`bootrestore_lun_requests_in_flight${l.slice(0, -1)},op="write"}`)).toBe(0);
