@@ -84,7 +84,7 @@ export interface DeltaStoreStats {
    * in the data file on recovery: they kept their previous content.
    */
   readonly discardedUnits: number;
-  /** Why this delta refuses writes (a failed journal append or sync) until it is opened again; absent while it takes them. */
+  /** Why this delta refuses writes (a failed journal append: until a checkpoint succeeds; a failed sync: until it is opened again); absent while it takes them. */
   readonly refusingWrites?: string;
 }
 
@@ -125,8 +125,14 @@ export class DeltaStore {
   private journalEnd = 0;
   private pendingAppends: PendingAppend[] = [];
   private appending = false;
-  /** Set when a journal write failed: the journal tail is unknown, so the delta refuses further writes. */
+  /**
+   * Set when a journal write or a sync failed: the delta refuses further writes. After a failed
+   * journal write (`healable`) a checkpoint can put it right (heal()); after a failed sync nothing can.
+   */
   private broken: Error | null = null;
+  private healable = false;
+  private healing: Promise<void> | null = null;
+  private lastHealAttempt = -Infinity;
   private closed = false;
   private activeOps = 0;
   private drained: (() => void) | null = null;
@@ -329,6 +335,14 @@ export class DeltaStore {
    * Called after a flush when the journal is large, on open (after recovery) and on close.
    */
   async checkpoint(): Promise<void> {
+    await this.whileExclusive(async () => {
+      this.checkUsable();
+      await this.writeCheckpoint();
+    });
+  }
+
+  /** Run `body` with no other operation running or starting (waits for running ones to finish). */
+  private async whileExclusive(body: () => Promise<void>): Promise<void> {
     while (this.exclusive !== null) await this.exclusive;
     let done!: () => void;
     this.exclusive = new Promise<void>((resolve) => {
@@ -340,21 +354,56 @@ export class DeltaStore {
           this.drained = resolve;
         });
       }
-      this.checkUsable();
-      await this.syncData();
-      await writeMapFile(this.dir, encodeMap(this.map, this.unitSize, this.sizeBytes, this.nextSeq - 1));
-      // No write is running: what is left are records of failed data writes, which the map leaves out.
-      this.dataNotWritten.clear();
-      this.dataWriteFailed = false;
-      // A crash before this truncate leaves records ≤ lastSeq in the journal: replay skips them.
-      await this.journalFile.truncate(0);
-      await this.journalFile.sync();
-      this.journalEnd = 0;
-      this.counters.checkpoints++;
+      await body();
     } finally {
       this.exclusive = null;
       done();
     }
+  }
+
+  /** The checkpoint itself; the caller holds the store exclusively. */
+  private async writeCheckpoint(): Promise<void> {
+    await this.syncData();
+    await writeMapFile(this.dir, encodeMap(this.map, this.unitSize, this.sizeBytes, this.nextSeq - 1));
+    // No write is running: what is left are records of failed data writes, which the map leaves out.
+    this.dataNotWritten.clear();
+    this.dataWriteFailed = false;
+    // A crash before this truncate leaves records ≤ lastSeq in the journal: replay skips them.
+    await this.journalFile.truncate(0);
+    try {
+      await this.journalFile.sync();
+    } catch (err) {
+      throw this.breakOnSyncFailure('journal', err);
+    }
+    this.journalEnd = 0;
+    this.counters.checkpoints++;
+  }
+
+  /**
+   * After a failed journal append (typically: no space), a checkpoint puts the delta right again: the
+   * map records every write that completed, `lastSeq` covers the sequence numbers of the records that
+   * failed, and the journal starts empty. Tried by the next write, flush or deallocation (at most once
+   * a second); until one succeeds they fail with the append's error. Never after a failed sync.
+   */
+  private heal(): Promise<void> {
+    this.healing ??= this.whileExclusive(async () => {
+      const reason = this.broken;
+      if (reason === null || !this.healable || this.closed) return;
+      this.lastHealAttempt = performance.now();
+      this.broken = null;
+      try {
+        await this.writeCheckpoint();
+        this.healable = false;
+        this.logger.warn({ dir: this.dir }, 'delta takes writes again (a checkpoint after the failed journal write succeeded)');
+      } catch (err) {
+        // A failed sync has set `broken` for good; anything else (no room for the map yet) keeps the old reason.
+        this.broken ??= reason;
+        this.logger.debug({ err, dir: this.dir }, 'delta still cannot checkpoint');
+      }
+    }).finally(() => {
+      this.healing = null;
+    });
+    return this.healing;
   }
 
   /** Checkpoint and close the files. Further calls fail. */
@@ -485,7 +534,9 @@ export class DeltaStore {
    * again; recovery then checks every unflushed record against the data file.
    */
   private breakOnSyncFailure(file: 'data' | 'journal', err: unknown): Error {
-    if (this.broken === null) {
+    const replacesHealable = this.healable;
+    this.healable = false;
+    if (this.broken === null || replacesHealable) {
       this.broken = new StorageError(`delta ${file} sync failed: ${errorText(err)}; this mount refuses writes until it is mounted again`, 'write-error', {
         cause: err,
       });
@@ -531,8 +582,9 @@ export class DeltaStore {
         for (const p of batch) p.resolve();
       } catch (err) {
         if (this.broken === null) {
-          this.broken = writeFailure(`delta journal write failed: ${errorText(err)}; this mount refuses writes until it is mounted again`, err);
-          this.logger.error({ err, dir: this.dir }, 'delta journal write failed: refusing further writes to this mount');
+          this.broken = writeFailure(`delta journal write failed: ${errorText(err)}; writes fail until a checkpoint succeeds (tried once a second)`, err);
+          this.healable = true;
+          this.logger.error({ err, dir: this.dir }, 'delta journal write failed: writes fail until a checkpoint succeeds');
         }
         for (const p of batch) p.reject(this.broken);
       }
@@ -553,6 +605,10 @@ export class DeltaStore {
 
   private async enter(): Promise<void> {
     while (this.exclusive !== null) await this.exclusive;
+    if (this.broken !== null && this.healable && !this.closed && performance.now() - this.lastHealAttempt >= 1000) {
+      await this.heal();
+      while (this.exclusive !== null) await this.exclusive;
+    }
     this.checkUsable();
     this.activeOps++;
   }

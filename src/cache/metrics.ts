@@ -53,7 +53,7 @@ export interface LunMetricsSource {
   readonly metrics: DeviceMetrics;
   /** Bytes currently held in the LUN's delta (present units × unit size). */
   readonly deltaBytes?: number;
-  /** The LUN's delta refuses writes until it is opened again (a failed journal append or sync). */
+  /** The LUN's delta refuses writes (docs/delta-format.md "A full file system, a failing disk"). */
   readonly refusingWrites?: boolean;
 }
 
@@ -81,7 +81,7 @@ export function renderPrometheus(luns: ReadonlyArray<LunMetricsSource>, cache?: 
   out.push('# HELP bootrestore_lun_delta_bytes Bytes of the LUN held in its write delta.', '# TYPE bootrestore_lun_delta_bytes gauge');
   for (const l of luns) out.push(`bootrestore_lun_delta_bytes${labelText(l.labels)} ${formatNumber(l.deltaBytes ?? 0)}`);
   out.push(
-    '# HELP bootrestore_lun_delta_refusing_writes 1 while the delta refuses writes until the mount is opened again (failed journal append or sync).',
+    '# HELP bootrestore_lun_delta_refusing_writes 1 while the delta refuses writes (after a failed journal write until a checkpoint succeeds, after a failed sync until it is opened again).',
     '# TYPE bootrestore_lun_delta_refusing_writes gauge',
   );
   for (const l of luns) out.push(`bootrestore_lun_delta_refusing_writes${labelText(l.labels)} ${l.refusingWrites ? 1 : 0}`);

@@ -51,7 +51,7 @@ export interface MountInfo extends MountRecord {
   readonly cache: { hits: number; misses: number; crossMountHits: number };
   readonly reads: number;
   readonly writes: number;
-  /** Why the mount's delta refuses writes until it is mounted again (docs/delta-format.md); absent while it takes them. */
+  /** Why the mount's delta refuses writes (docs/delta-format.md "A full file system, a failing disk"); absent while it takes them. */
   readonly refusingWrites?: string;
 }
 

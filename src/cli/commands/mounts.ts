@@ -52,7 +52,7 @@ export async function run(argv: string[]): Promise<number> {
   const widths = rows[0]!.map((_, i) => Math.max(...rows.map((r) => r[i]!.length)));
   for (const r of rows) process.stdout.write(r.map((c, i) => c.padEnd(widths[i]!)).join('  ').trimEnd() + '\n');
   for (const m of mounts) {
-    if (m.refusingWrites !== undefined) process.stdout.write(`! ${m.name} refuses writes until it is mounted again: ${m.refusingWrites}\n`);
+    if (m.refusingWrites !== undefined) process.stdout.write(`! ${m.name} refuses writes: ${m.refusingWrites}\n`);
   }
   const cache = await client.request<ChunkCacheStats>('GET', '/v1/mounts/cache');
   process.stdout.write(

@@ -217,6 +217,49 @@ describe('DeltaStore', () => {
     await store.close();
   });
 
+  it('after a journal write finds no space, writes fail until a checkpoint succeeds, then go on; nothing acknowledged is lost', async () => {
+    const dir = join(scratch, 'journal-enospc');
+    const store = await DeltaStore.open({ dir, sizeBytes: SIZE, logger });
+    await store.write(1 * 4096, Buffer.alloc(4096, 0xc1), false, readBase); // acknowledged, not flushed
+    const journalFile = (store as unknown as { journalFile: FileHandle }).journalFile;
+    const write = journalFile.write.bind(journalFile) as (...args: unknown[]) => Promise<unknown>;
+    let full = true;
+    (journalFile as unknown as { write: (...args: unknown[]) => Promise<unknown> }).write = async (...args: unknown[]) => {
+      if (full) throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' });
+      return write(...args);
+    };
+    const failed = await store.write(2 * 4096, Buffer.alloc(4096, 0xc2), false, readBase).then(() => null, (e: unknown) => e as StorageError);
+    expect(failed?.kind).toBe('space-exhausted');
+    expect(store.stats().refusingWrites).toMatch(/journal write failed/);
+    // Still no room for the checkpoint (its journal truncation fails here): writes keep failing.
+    const truncate = journalFile.truncate.bind(journalFile);
+    journalFile.truncate = async () => {
+      throw Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' });
+    };
+    full = false;
+    await expect(store.write(3 * 4096, Buffer.alloc(4096, 0xc3), false, readBase)).rejects.toThrow(/journal write failed/);
+    await expect(store.flush()).rejects.toThrow(/journal write failed/); // within a second of the last try
+    // Room again: the next try (a second later) checkpoints, and writes and flushes work.
+    journalFile.truncate = truncate;
+    (store as unknown as { lastHealAttempt: number }).lastHealAttempt = -Infinity;
+    const checkpoints = store.stats().checkpoints;
+    await store.write(3 * 4096, Buffer.alloc(4096, 0xc3), false, readBase);
+    await store.flush();
+    expect(store.stats().checkpoints).toBe(checkpoints + 1);
+    expect(store.stats().refusingWrites).toBeUndefined();
+    const crashed = join(scratch, 'journal-enospc-copy');
+    await cp(dir, crashed, { recursive: true }); // as after kill -9 right now
+    await store.close();
+    const reopened = await DeltaStore.open({ dir: crashed, sizeBytes: SIZE, logger });
+    try {
+      expect((await view(reopened, 1 * 4096, 4096)).every((b) => b === 0xc1)).toBe(true);
+      expect(reopened.state(2)).toBe(UNIT_BASE);
+      expect((await view(reopened, 3 * 4096, 4096)).every((b) => b === 0xc3)).toBe(true);
+    } finally {
+      await reopened.close();
+    }
+  });
+
   it('after a failed fdatasync every later flush and write fails (a later sync proves nothing); reads go on', async () => {
     const dir = join(scratch, 'sync-fails');
     const store = await DeltaStore.open({ dir, sizeBytes: SIZE, logger });
