@@ -26,6 +26,21 @@ afterAll(async () => {
   await rm(scratch, { recursive: true, force: true });
 });
 
+/** An errno error as node:fs raises it. */
+function errnoError(code: string, message: string): Error {
+  return Object.assign(new Error(`${code}: ${message}`), { code });
+}
+
+/** Make `file`'s writes throw what `failure()` returns (nothing: the write goes through). */
+function injectWriteFailures(file: FileHandle, failure: () => Error | undefined): void {
+  const write = file.write.bind(file) as (...args: unknown[]) => Promise<unknown>;
+  (file as unknown as { write: (...args: unknown[]) => Promise<unknown> }).write = async (...args: unknown[]) => {
+    const err = failure();
+    if (err !== undefined) throw err;
+    return write(...args);
+  };
+}
+
 /** What a reader of base + delta sees for [offset, offset+length). */
 async function view(store: DeltaStore, offset: number, length: number): Promise<Buffer> {
   const out = Buffer.alloc(length);
@@ -154,16 +169,12 @@ describe('DeltaStore', () => {
   it('a write whose data write failed is never covered by a later flush (no hole after a crash)', async () => {
     const dir = join(scratch, 'failed-data');
     const store = await DeltaStore.open({ dir, sizeBytes: SIZE, logger, checkpointJournalBytes: 1 << 30 });
-    const dataFile = (store as unknown as { dataFile: FileHandle }).dataFile;
-    const write = dataFile.write.bind(dataFile) as (...args: unknown[]) => Promise<unknown>;
     let failNext = true;
-    (dataFile as unknown as { write: (...args: unknown[]) => Promise<unknown> }).write = async (...args: unknown[]) => {
-      if (failNext) {
-        failNext = false;
-        throw Object.assign(new Error('EIO: simulated'), { code: 'EIO' });
-      }
-      return write(...args);
-    };
+    injectWriteFailures((store as unknown as { dataFile: FileHandle }).dataFile, () => {
+      if (!failNext) return undefined;
+      failNext = false;
+      return errnoError('EIO', 'simulated');
+    });
     // The crash copy is taken right after the flush's barrier reached the journal (before the
     // checkpoint that a flush after a failed data write runs).
     const crashed = join(scratch, 'failed-data-copy');
@@ -196,13 +207,8 @@ describe('DeltaStore', () => {
   it('a data write that finds no space fails as space-exhausted; once there is space the mount goes on', async () => {
     const dir = join(scratch, 'enospc');
     const store = await DeltaStore.open({ dir, sizeBytes: SIZE, logger });
-    const dataFile = (store as unknown as { dataFile: FileHandle }).dataFile;
-    const write = dataFile.write.bind(dataFile) as (...args: unknown[]) => Promise<unknown>;
     let full = true;
-    (dataFile as unknown as { write: (...args: unknown[]) => Promise<unknown> }).write = async (...args: unknown[]) => {
-      if (full) throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' });
-      return write(...args);
-    };
+    injectWriteFailures((store as unknown as { dataFile: FileHandle }).dataFile, () => (full ? errnoError('ENOSPC', 'no space left on device, write') : undefined));
     expect(store.stats().refusingWrites).toBeUndefined();
     await store.write(2 * 4096, Buffer.alloc(4096, 0xa2), true, readBase).then(
       () => expect.unreachable('the write must fail'),
@@ -222,19 +228,15 @@ describe('DeltaStore', () => {
     const store = await DeltaStore.open({ dir, sizeBytes: SIZE, logger });
     await store.write(1 * 4096, Buffer.alloc(4096, 0xc1), false, readBase); // acknowledged, not flushed
     const journalFile = (store as unknown as { journalFile: FileHandle }).journalFile;
-    const write = journalFile.write.bind(journalFile) as (...args: unknown[]) => Promise<unknown>;
     let full = true;
-    (journalFile as unknown as { write: (...args: unknown[]) => Promise<unknown> }).write = async (...args: unknown[]) => {
-      if (full) throw Object.assign(new Error('ENOSPC: no space left on device, write'), { code: 'ENOSPC' });
-      return write(...args);
-    };
+    injectWriteFailures(journalFile, () => (full ? errnoError('ENOSPC', 'no space left on device, write') : undefined));
     const failed = await store.write(2 * 4096, Buffer.alloc(4096, 0xc2), false, readBase).then(() => null, (e: unknown) => e as StorageError);
     expect(failed?.kind).toBe('space-exhausted');
     expect(store.stats().refusingWrites).toMatch(/journal write failed/);
     // Still no room for the checkpoint (its journal truncation fails here): writes keep failing.
     const truncate = journalFile.truncate.bind(journalFile);
     journalFile.truncate = async () => {
-      throw Object.assign(new Error('ENOSPC: no space left on device'), { code: 'ENOSPC' });
+      throw errnoError('ENOSPC', 'no space left on device');
     };
     full = false;
     await expect(store.write(3 * 4096, Buffer.alloc(4096, 0xc3), false, readBase)).rejects.toThrow(/journal write failed/);
@@ -268,7 +270,7 @@ describe('DeltaStore', () => {
     const datasync = dataFile.datasync.bind(dataFile);
     let failures = 1;
     dataFile.datasync = async () => {
-      if (failures-- > 0) throw Object.assign(new Error('ENOSPC: no space left on device, fdatasync'), { code: 'ENOSPC' });
+      if (failures-- > 0) throw errnoError('ENOSPC', 'no space left on device, fdatasync');
       return datasync();
     };
     const failed = await store.flush().then(() => null, (err: unknown) => err as StorageError);
