@@ -409,6 +409,7 @@ export class DeltaStore {
   /** Checkpoint and close the files. Further calls fail. */
   async close(): Promise<void> {
     if (this.closed) return;
+    if (this.healing !== null) await this.healing; // it clears `broken` while it runs
     try {
       if (this.broken === null) await this.checkpoint();
     } finally {
