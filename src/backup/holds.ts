@@ -14,7 +14,8 @@
  * names the same restore point, or while the process that placed it runs (same boot). Holds of
  * another host are always treated as live (their process cannot be checked). Stale holds are
  * removed (moved aside and re-checked, so a hold placed meanwhile survives) by whoever reads them,
- * `list` and `prune --dry-run` included: the holds directory is not part of the repository. holdsDir: $BOOTRESTORE_HOLDS_DIR, else /var/lib/bootrestore/holds for root, else
+ * `list` and `prune --dry-run` included: the holds directory is not part of the repository.
+ * holdsDir: $BOOTRESTORE_HOLDS_DIR, else /var/lib/bootrestore/holds for root, else
  * $XDG_STATE_HOME/bootrestore/holds (~/.local/state): servers and prune/gc must agree on it.
  */
 import { createHash, randomBytes } from 'node:crypto';
@@ -61,23 +62,28 @@ export interface HoldRequest {
 
 /** Where the hold of `request` lives: one file per (repository, restore point, holder). */
 export async function holdPath(request: HoldRequest, dir = holdsDir()): Promise<string> {
-  const repository = await fsp.realpath(request.repository);
-  const key = [repository, request.vm, request.point, request.deltaRecord ?? `${hostname()}:${process.pid}:${request.holder}`].join('\0');
+  return holdFileOf(await fsp.realpath(request.repository), request, dir);
+}
+
+function holdFileOf(realRepository: string, request: HoldRequest, dir: string): string {
+  const key = [realRepository, request.vm, request.point, request.deltaRecord ?? `${hostname()}:${process.pid}:${request.holder}`].join('\0');
   return join(dir, createHash('sha256').update(key).digest('hex').slice(0, 24) + '.json');
 }
 
 /** Record (durably) that `request.holder` uses the restore point; returns the hold file's path. */
 export async function placeHold(request: HoldRequest, dir = holdsDir()): Promise<string> {
-  const file = await holdPath(request, dir);
+  const repository = await fsp.realpath(request.repository);
+  const file = holdFileOf(repository, request, dir);
+  const boot = currentBootId();
   const hold: Hold = {
     version: 1,
-    repository: await fsp.realpath(request.repository),
+    repository,
     vm: request.vm,
     point: request.point,
     holder: request.holder,
     pid: process.pid,
     host: hostname(),
-    ...(currentBootId() !== null ? { bootId: currentBootId()! } : {}),
+    ...(boot !== null ? { bootId: boot } : {}),
     ...(request.deltaRecord ? { deltaRecord: request.deltaRecord } : {}),
     createdAt: new Date().toISOString(),
   };

@@ -133,7 +133,6 @@ export async function collectGarbage(repoDir: string, options: GcOptions = {}): 
     const writerStarts = await repo.liveWriterStarts();
     const cutoff = Math.min(started, ...writerStarts) - (options.graceMs ?? 5 * 60_000);
 
-
     // Mark.
     const referenced = new Set<string>();
     const marked = new Set<string>();

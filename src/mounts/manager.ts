@@ -120,7 +120,7 @@ export class MountManager {
       if (!record) continue;
       // Every delta on disk holds its restore point, mounted or not (also deltas kept before
       // holds existed, or whose holds directory was lost).
-      if (!record.readOnly) {
+      if (this.holdOutlivesServer(record)) {
         await placeHold(this.holdRequest(record)).catch((err: unknown) => {
           this.logger.error({ mount: name, err }, 'could not record that this delta uses its restore point; prune may remove it');
         });
@@ -205,8 +205,13 @@ export class MountManager {
       vm: record.vm,
       point: record.point,
       holder: `mount ${record.name}`,
-      ...(this.deltaDir && !record.readOnly ? { deltaRecord: join(this.deltaDir, record.name, 'mount.json') } : {}),
+      ...(this.holdOutlivesServer(record) ? { deltaRecord: join(this.deltaDir!, record.name, 'mount.json') } : {}),
     };
+  }
+
+  /** A mount with a delta keeps its hold beyond unmount --keep and server stops; others release it. */
+  private holdOutlivesServer(record: Pick<MountRecord, 'readOnly'>): boolean {
+    return this.deltaDir !== undefined && !record.readOnly;
   }
 
   /** Open the device and attach it; a new mount that fails leaves nothing behind on disk. */
@@ -285,24 +290,20 @@ export class MountManager {
       }
       this.mounts.delete(name);
       await this.host.detach(m.record.iqn, m.record.lun); // closes the device after flushing
-      if (!this.deltaDir) {
-        await releaseHold(m.holdFile);
-        return {};
-      }
-      // A kept delta keeps its hold: it is worthless without its restore point.
       let warning: string | undefined;
-      if (delta === 'discard') {
+      if (this.deltaDir && delta === 'discard') {
         await rm(join(this.deltaDir, name), { recursive: true, force: true });
-        await releaseHold(m.holdFile);
-      } else {
+      } else if (this.deltaDir) {
         // The LUN is gone and the delta is on disk either way; a record that still says "active"
         // (e.g. its file system is full) only means the next server start mounts it again.
         await this.writeRecord({ ...m.record, active: false }).catch((err: unknown) => {
           warning = `the delta is kept, but its record could not be updated (${(err as Error).message}): the next server start mounts it again`;
           this.logger.warn({ mount: name, err }, 'could not mark the kept mount inactive');
         });
-        if (m.record.readOnly) await releaseHold(m.holdFile);
       }
+      // A kept delta keeps its hold: it is worthless without its restore point.
+      if (delta === 'discard' || !this.holdOutlivesServer(m.record)) await releaseHold(m.holdFile);
+      if (!this.deltaDir) return {};
       this.logger.info({ mount: name, delta }, 'unmounted');
       return warning !== undefined ? { warning } : {};
     });
@@ -360,7 +361,7 @@ export class MountManager {
    * delta keeps them (the mount resumes at the next start); those of read-only mounts go.
    */
   async closeAll(): Promise<void> {
-    const holds = [...this.mounts.values()].filter((m) => !this.deltaDir || m.record.readOnly).map((m) => m.holdFile);
+    const holds = [...this.mounts.values()].filter((m) => !this.holdOutlivesServer(m.record)).map((m) => m.holdFile);
     this.mounts.clear();
     await Promise.all(holds.map((file) => releaseHold(file).catch(() => undefined)));
   }
