@@ -80,6 +80,7 @@ export class BootrestoreService implements LunHost {
       });
       this.portals = await this.server.start();
       await this.mounts?.resumePersisted();
+      if (this.config.cache.preallocate) this.mounts?.startCachePreallocation();
       const controlPortal = this.config.control ?? { host: '127.0.0.1', port: 0 };
       this.control = new ControlServer(this.mounts, () => this.status(), this.logger.child({ component: 'control' }));
       const bound = await this.control.start(controlPortal.host, controlPortal.port);

@@ -495,11 +495,11 @@ export class BackupBlockDevice implements BlockDevice {
     if (digest === null) return null;
     this.metrics.cacheMisses++;
     const key = this.keyFor(index, digest);
-    return this.cache.get(key, this.mountId, this.loaderFor(index, digest, key), this.loadBufferBytes(index));
+    return this.cache.get(key, this.mountId, this.loaderFor(index, digest, key), this.cacheBufferBytes);
   }
 
   /** Size of the recyclable buffer a chunk load reads the chunk file into (one size for every chunk, also a short last one). */
-  private loadBufferBytes(_index: number): number {
+  get cacheBufferBytes(): number {
     return chunkFileBufferSize(this.chunkSize);
   }
 
@@ -553,7 +553,7 @@ export class BackupBlockDevice implements BlockDevice {
       const digest = this.reader.chunkDigest(index);
       if (digest !== null) {
         const key = this.keyFor(index, digest);
-        const outcome = this.cache.prefetch(key, this.mountId, this.loaderFor(index, digest, key), this.loadBufferBytes(index));
+        const outcome = this.cache.prefetch(key, this.mountId, this.loaderFor(index, digest, key), this.cacheBufferBytes);
         // No slot free: the next read of the stream goes on from this chunk (else it would be a hole
         // in the window that the stream later misses).
         if (outcome === 'busy') return;

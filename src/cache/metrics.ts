@@ -125,6 +125,8 @@ export function renderPrometheus(luns: ReadonlyArray<LunMetricsSource>, cache?: 
     gauge('bootrestore_cache_prefetch_loads_total', 'Read-ahead loads started.', cache.prefetchLoads, 'counter');
     gauge('bootrestore_cache_prefetch_hits_total', 'Prefetched chunks that were later read.', cache.prefetchHits, 'counter');
     gauge('bootrestore_cache_cross_mount_hits_total', 'Hits on a chunk loaded by another mount.', cache.crossMountHits, 'counter');
+    gauge('bootrestore_cache_recycled_buffers_total', 'Chunk loads that read into a recycled or preallocated buffer instead of new memory.', cache.recycledBuffers, 'counter');
+    gauge('bootrestore_cache_preallocated_bytes', 'Cache memory reserved and faulted in at start (cache.preallocate).', cache.preallocatedBytes, 'gauge');
   }
   return out.join('\n') + '\n';
 }

@@ -61,7 +61,11 @@ export interface ServerConfig {
   readonly listen: readonly Portal[];
   readonly targets: readonly TargetConfig[];
   readonly repository?: string;
-  readonly cache: { readonly maxBytes: number };
+  /**
+   * The chunk cache: its size, and whether the server reserves (faults in) that memory at start so the
+   * first restore after a start reads as fast as later ones (default false: it grows as it fills).
+   */
+  readonly cache: { readonly maxBytes: number; readonly preallocate: boolean };
   readonly deltaDir?: string;
   /** Local control API (HTTP on loopback). */
   readonly control?: Portal;
@@ -206,10 +210,12 @@ export function validateConfig(raw: unknown, file: string, baseDir: string): Ser
   const repository = top.repository === undefined ? undefined : path(top.repository, 'repository');
   const deltaDir = top.deltaDir === undefined ? undefined : path(top.deltaDir, 'deltaDir');
   let cacheBytes = DEFAULT_CACHE_BYTES;
+  let preallocate = false;
   if (top.cache !== undefined) {
-    const cache = c.object(top.cache, 'cache', ['maxBytes']);
+    const cache = c.object(top.cache, 'cache', ['maxBytes', 'preallocate']);
     if (cache.maxBytes !== undefined) cacheBytes = c.size(cache.maxBytes, 'cache.maxBytes');
     if (cacheBytes < MIN_CACHE_BYTES) c.fail('cache.maxBytes', 'must be at least 1MiB (one chunk must fit)');
+    preallocate = c.boolean(cache.preallocate, 'cache.preallocate', false);
   }
   let control: Portal | undefined;
   if (top.control !== undefined) {
@@ -292,7 +298,7 @@ export function validateConfig(raw: unknown, file: string, baseDir: string): Ser
     ...(repository ? { repository } : {}),
     ...(deltaDir ? { deltaDir } : {}),
     ...(control ? { control } : {}),
-    cache: { maxBytes: cacheBytes },
+    cache: { maxBytes: cacheBytes, preallocate },
     logLevel,
     nopInIntervalSeconds,
     nopInTimeoutSeconds,

@@ -3,7 +3,8 @@ import { join } from 'node:path';
 import type { Logger } from '../log.js';
 import { deriveIdentity } from '../identity.js';
 import { isIscsiName } from '../config/config.js';
-import { openRestorePoint } from '../backup/reader.js';
+import { chunkFileBufferSize, openRestorePoint } from '../backup/reader.js';
+import { DEFAULT_CHUNK_SIZE } from '../backup/engine.js';
 import { writeRestorePoint } from '../backup/writer.js';
 import { writeFileAtomic } from '../backup/repository.js';
 import { holdPath, holdsDir, placeHold, releaseHold, type HoldRequest } from '../backup/holds.js';
@@ -97,6 +98,17 @@ export class MountManager {
     private readonly logger: Logger,
   ) {
     this.cache = processChunkCache({ maxBytes: cacheBytes, logger: logger.child({ component: 'chunk-cache' }) });
+  }
+
+  /**
+   * Reserve the cache's memory in the background (config `cache.preallocate`), in buffers for the
+   * chunk size of the first mounted restore point, or of the backup default (128 KiB) if nothing is
+   * mounted yet. Call after the start-up mounts are open.
+   */
+  startCachePreallocation(): void {
+    const first = this.mounts.values().next().value;
+    const bufferBytes = first?.device.cacheBufferBytes ?? chunkFileBufferSize(DEFAULT_CHUNK_SIZE);
+    void this.cache.preallocate(bufferBytes);
   }
 
   /** Serialise mount-table changes (mount/unmount/commit) so two requests cannot interleave. */

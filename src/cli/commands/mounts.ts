@@ -57,7 +57,11 @@ export async function run(argv: string[]): Promise<number> {
   const cache = await client.request<ChunkCacheStats>('GET', '/v1/mounts/cache');
   process.stdout.write(
     `cache: ${mib(cache.bytes)} of ${mib(cache.maxBytes)} in ${cache.entries} chunks; ${cache.hits} hits, ${cache.misses} misses, ` +
-      `${cache.sharedEntries} chunks shared by several mounts\n`,
+      `${cache.sharedEntries} chunks shared by several mounts` +
+      (cache.preallocatedBytes > 0 || cache.preallocating
+        ? `; ${mib(cache.preallocatedBytes)} preallocated${cache.preallocating ? ' so far' : ''}`
+        : '') +
+      '\n',
   );
   return 0;
 }

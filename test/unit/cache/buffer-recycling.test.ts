@@ -148,6 +148,66 @@ describe('ChunkCache buffer recycling', () => {
   });
 });
 
+describe('ChunkCache.preallocate', () => {
+  it('reserves the cache in buffers of the given size; loads read into them and the data is right', async () => {
+    const size = CHUNK + 25;
+    const cache = new ChunkCache({ maxBytes: 16 * CHUNK, logger: silentLogger() });
+    const reserving = cache.preallocate(size);
+    expect(cache.stats().preallocating).toBe(true);
+    await reserving;
+    // The cache's bytes plus one buffer for each of the 16 loads that may run at once.
+    const expected = Math.floor((16 * CHUNK + 16 * size) / size) * size;
+    expect(cache.stats()).toMatchObject({ preallocating: false, preallocatedBytes: expected, freeBufferBytes: expected });
+    // Every load of this size gets a preallocated buffer (all zero, shared memory), none a new one.
+    const seen: Array<Buffer | undefined> = [];
+    const contents = Array.from({ length: 12 }, (_, i) => pseudoRandomBytes(CHUNK, 300 + i));
+    for (let i = 0; i < contents.length; i++) {
+      const data = await cache.get(`k${i}`, 'm', intoLoader(contents[i]!, seen), size);
+      expect(data.equals(contents[i]!)).toBe(true);
+    }
+    expect(seen.every((b) => b !== undefined && b.buffer instanceof SharedArrayBuffer && b.length === size)).toBe(true);
+    expect(cache.stats().recycledBuffers).toBe(12);
+    // A second call does nothing.
+    await cache.preallocate(size);
+    expect(cache.stats().preallocatedBytes).toBe(expected);
+    for (let i = 0; i < contents.length; i++) expect(cache.getCached(`k${i}`, 'm')!.equals(contents[i]!)).toBe(true);
+  });
+
+  it('free preallocated buffers make room when the cache fills with chunks of another size: free + cached stay within maxBytes', async () => {
+    const maxBytes = 32 * CHUNK;
+    const cache = new ChunkCache({ maxBytes, maxConcurrentLoads: 2, logger: silentLogger() });
+    await cache.preallocate(CHUNK + 25);
+    const before = cache.stats();
+    expect(before.freeBufferBytes).toBeGreaterThan(maxBytes - CHUNK - 25);
+    // Chunks of 2 × CHUNK (another restore point's chunk size) fill the whole cache.
+    const seen: Array<Buffer | undefined> = [];
+    for (let i = 0; i < 40; i++) {
+      await cache.get(`big${i}`, 'm', intoLoader(pseudoRandomBytes(2 * CHUNK, 400 + i), seen), 2 * CHUNK + 25);
+      const s = cache.stats();
+      // Beyond maxBytes: at most maxFreeBuffers (maxConcurrentLoads + 2) free buffers of each size.
+      expect(s.bytes + s.freeBufferBytes).toBeLessThanOrEqual(maxBytes + 4 * (2 * CHUNK + 25) + 4 * (CHUNK + 25));
+    }
+    const after = cache.stats();
+    expect(after.bytes).toBeGreaterThan(maxBytes - 2 * CHUNK);
+    expect(after.freeBufferBytes).toBeLessThan(before.freeBufferBytes / 4);
+  });
+
+  it('stops at maxBytes (plus a buffer per concurrent load) when loads fill the cache while it reserves', async () => {
+    const maxBytes = 64 * CHUNK;
+    const size = CHUNK + 25;
+    const cache = new ChunkCache({ maxBytes, logger: silentLogger() });
+    const reserving = cache.preallocate(size);
+    const seen: Array<Buffer | undefined> = [];
+    const contents = Array.from({ length: 40 }, (_, i) => pseudoRandomBytes(CHUNK, 500 + i));
+    await Promise.all(contents.map((c, i) => cache.get(`k${i}`, 'm', intoLoader(c, seen), size)));
+    await reserving;
+    const s = cache.stats();
+    expect(s.bytes).toBe(40 * CHUNK);
+    expect(s.bytes + s.freeBufferBytes).toBeLessThanOrEqual(maxBytes + 16 * size);
+    for (let i = 0; i < contents.length; i++) expect(cache.getCached(`k${i}`, 'm')!.equals(contents[i]!)).toBe(true);
+  });
+});
+
 describe('BackupBlockDevice over a real repository with a small cache', () => {
   it('readSegments: views of cached chunks that stay intact until released, merged data where the delta wrote', async () => {
     const repo = join(scratch, 'repo-segments');
