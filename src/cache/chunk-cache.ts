@@ -19,7 +19,6 @@
  */
 import { LRUCache } from 'lru-cache';
 import type { Logger } from '../log.js';
-import { PageToucher } from './page-toucher.js';
 
 /**
  * Loads one verified, decompressed chunk (normally `RestorePointReader.loadChunkByDigest`). `into`, when
@@ -394,42 +393,36 @@ export class ChunkCache {
    * Reserve the cache's memory now, in buffers of `bufferBytes` (what the mounts' loads ask for, see
    * `BackupBlockDevice.cacheBufferBytes`), so the first reads after a server start do not pay for
    * new memory: on a virtual machine the first touch of a page costs a fault in the guest and often
-   * one in the host (measured here: 0.1–1.9 s per GiB). The pages are faulted in on a worker thread,
-   * a batch at a time; each batch joins the free buffers when it is ready, so reads that start
-   * meanwhile use what is ready and allocate the rest as usual. Stops when free plus cached bytes
-   * reach maxBytes plus one buffer per concurrent load (`reserveLimit`). At most once per cache; resolves when done (failures are logged, not thrown: the
-   * cache works without).
+   * one in the host (measured here: 0.1–1.9 s per GiB). Runs on the event loop in slices of
+   * ~`PREALLOCATE_SLICE_MS`, yielding between them, so reads that start meanwhile are served (and
+   * use what is ready). The work is the same as a cold read would do when it first fills the cache
+   * (Node allocates array buffers with calloc, which clears them on the allocating thread); it is
+   * just done before the reads. Stops when free plus cached bytes reach maxBytes plus one buffer per
+   * concurrent load (`reserveLimit`). At most once per cache; resolves when done.
    */
   async preallocate(bufferBytes: number): Promise<void> {
     if (this.reservedBufferBytes > 0 || !(bufferBytes > 0) || bufferBytes > this.maxBytes) return;
     this.reservedBufferBytes = bufferBytes;
     this.preallocating = true;
     const started = performance.now();
-    const perBatch = Math.max(1, Math.floor(PREALLOCATE_BATCH_BYTES / bufferBytes));
-    let toucher: PageToucher | undefined;
     try {
-      toucher = new PageToucher();
-      for (;;) {
-        const room = Math.floor((this.reserveLimit() - this.freeBytes - this.lru.calculatedSize) / bufferBytes);
-        const count = Math.min(perBatch, room);
-        if (count <= 0) break;
-        const batch: SharedArrayBuffer[] = [];
-        for (let i = 0; i < count; i++) batch.push(new SharedArrayBuffer(bufferBytes));
-        await toucher.touch(batch);
-        for (const store of batch) this.putFree(Buffer.from(store));
-        this.preallocatedBytes += count * bufferBytes;
+      while (this.freeBytes + this.lru.calculatedSize + bufferBytes <= this.reserveLimit()) {
+        const sliceEnd = performance.now() + PREALLOCATE_SLICE_MS;
+        do {
+          const buffer = Buffer.from(new SharedArrayBuffer(bufferBytes));
+          // calloc leaves memory it got fresh from the kernel untouched: fault that in too.
+          for (let offset = 0; offset < bufferBytes; offset += PAGE_BYTES) buffer[offset] = 0;
+          this.putFree(buffer);
+          this.preallocatedBytes += bufferBytes;
+        } while (this.freeBytes + this.lru.calculatedSize + bufferBytes <= this.reserveLimit() && performance.now() < sliceEnd);
+        await new Promise((resolve) => setImmediate(resolve));
       }
-      this.logger.info(
-        { bytes: this.preallocatedBytes, bufferBytes, ms: Math.round(performance.now() - started) },
-        'cache memory preallocated',
-      );
-    } catch (err) {
-      this.logger.warn({ err, bytes: this.preallocatedBytes }, 'cache memory preallocation stopped; the cache allocates as it fills');
+      this.logger.info({ bytes: this.preallocatedBytes, bufferBytes, ms: Math.round(performance.now() - started) }, 'cache memory preallocated');
     } finally {
       this.preallocating = false;
-      await toucher?.close().catch(() => undefined);
     }
   }
+
 
   /**
    * An evicted entry's buffer becomes free on the next turn of the event loop: waiters of the load that
@@ -472,8 +465,9 @@ export class ChunkCache {
   }
 }
 
-/** Memory `preallocate` faults in per worker round trip (8 MiB: ~1–15 ms of page faults here). */
-const PREALLOCATE_BATCH_BYTES = 8 << 20;
+/** Longest stretch `preallocate` keeps the event loop before it yields. */
+const PREALLOCATE_SLICE_MS = 2;
+const PAGE_BYTES = 4096;
 
 let processCache: ChunkCache | undefined;
 
