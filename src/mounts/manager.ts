@@ -1,4 +1,5 @@
 import { mkdir, readFile, readdir, rm } from 'node:fs/promises';
+import { freemem, totalmem } from 'node:os';
 import { join } from 'node:path';
 import type { Logger } from '../log.js';
 import { deriveIdentity } from '../identity.js';
@@ -80,6 +81,9 @@ interface ActiveMount {
   readonly holdFile: string;
 }
 
+/** Memory `cache.preallocate` leaves to everything else on the machine. */
+const PREALLOCATE_HEADROOM_BYTES = 512 * 1024 * 1024;
+
 /**
  * Mounted restore points: each is a BackupBlockDevice (restore point + shared chunk cache + its own
  * delta in `<deltaDir>/<name>/delta`) served as a LUN. Records are persisted so a restarted server
@@ -98,6 +102,9 @@ export class MountManager {
     private readonly logger: Logger,
   ) {
     this.cache = processChunkCache({ maxBytes: cacheBytes, logger: logger.child({ component: 'chunk-cache' }) });
+    if (cacheBytes > totalmem()) {
+      logger.warn({ cacheBytes, machineBytes: totalmem() }, 'cache.maxBytes is larger than this machine\'s memory: the server may be killed for lack of memory once the cache fills');
+    }
   }
 
   /**
@@ -106,6 +113,15 @@ export class MountManager {
    * mounted yet. Call after the start-up mounts are open.
    */
   startCachePreallocation(): void {
+    // Reserving more than the machine has free would only get the server (or another process) killed.
+    const availableBytes = freemem();
+    if (this.cache.maxBytes > availableBytes - PREALLOCATE_HEADROOM_BYTES) {
+      this.logger.warn(
+        { cacheBytes: this.cache.maxBytes, availableBytes },
+        'cache.preallocate skipped: cache.maxBytes would leave less than 512 MiB of the memory available now; the cache allocates as it fills',
+      );
+      return;
+    }
     const first = this.mounts.values().next().value;
     const bufferBytes = first?.device.cacheBufferBytes ?? chunkFileBufferSize(DEFAULT_CHUNK_SIZE);
     void this.cache.preallocate(bufferBytes);

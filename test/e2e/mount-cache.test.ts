@@ -182,4 +182,29 @@ describe('shared chunk cache', () => {
     await server.stop();
     server = undefined;
   });
+
+  it('cache.preallocate larger than the machine: skipped with a warning, the server serves', async () => {
+    const deltaDir = join(dir.path, 'deltas-huge');
+    const repo = join(dir.path, 'repo-huge');
+    const image = join(dir.path, 'huge.img');
+    await writeTestImage(image, 8 * MiB, 31);
+    await backupImage(image, repo, 'pre');
+    server = await startServerProcess({
+      repository: repo,
+      deltaDir,
+      cache: { maxBytes: '4096GiB', preallocate: true },
+      targets: [{ iqn: 'iqn.2026-12.io.bootrestore.test:huge', luns: [{ lun: 0, backup: { vm: 'pre', point: 'latest' } }] }],
+    });
+    const stats = await (await control(deltaDir)).request<ChunkCacheStats>('GET', '/v1/mounts/cache');
+    expect(stats).toMatchObject({ preallocatedBytes: 0, preallocating: false });
+    const warnings = server.logs().filter((l) => l.level === 40).map((l) => String(l.msg));
+    expect(warnings.some((m) => m.startsWith('cache.maxBytes is larger than this machine'))).toBe(true);
+    expect(warnings.some((m) => m.startsWith('cache.preallocate skipped'))).toBe(true);
+    // It still serves the restore point.
+    const head = join(dir.path, 'huge-head.img');
+    await runChecked('qemu-img', ['dd', '-f', 'raw', '-O', 'raw', 'bs=1M', 'count=4', `if=${server.url(0)}`, `of=${head}`], { timeoutMs: 60_000 });
+    expect((await readFile(head)).equals((await readFile(image)).subarray(0, 4 * MiB))).toBe(true);
+    await server.stop();
+    server = undefined;
+  });
 });
