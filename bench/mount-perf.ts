@@ -2,6 +2,7 @@
  * Instant-mount performance, side by side in one run (issue: instant mount):
  *   A. raw-file LUN served by bootrestore            (the upper bound for a mount)
  *   B. mounted restore point, cold cache             (server just started, repository evicted from the page cache)
+ *   B2. as B, with `cache.preallocate`                 (read once the server has reserved its cache memory)
  *   C. mounted restore point, warm cache             (after one full read; cache larger than the image)
  *   E. cold mount in a running server                (another restore point, mounted with `bootrestore
  *                                                      mount` into a server that has served a full pass:
@@ -102,6 +103,15 @@ async function measure(name: string, url: string, opts: { pass: boolean; perf?: 
   return row;
 }
 
+/** Sum of the read latencies of the mount served by the server whose deltaDir is `deltaDir` (its /metrics). */
+async function readLatencySumMs(deltaDir: string): Promise<number> {
+  const state = JSON.parse(await readFile(join(deltaDir, 'server.json'), 'utf8')) as { control: string };
+  const text = await (await fetch(`${state.control}/metrics`)).text();
+  const sums = [...text.matchAll(/^bootrestore_lun_read_latency_seconds_sum\{[^}]*\} ([0-9.eE+-]+)$/gm)].map((m) => Number(m[1]));
+  if (sums.length === 0) throw new Error('no read latency in /metrics');
+  return sums.reduce((a, b) => a + b, 0) * 1000;
+}
+
 async function main(): Promise<number> {
   const dir = await makeTempDir('bench-mount');
   // Mount holds of this run's throw-away repositories stay in its folder, not the machine's.
@@ -191,6 +201,8 @@ async function main(): Promise<number> {
       await writeFile(copy, await readFile(boot.image));
       const fileMs: number[] = [];
       const mountMs: number[] = [];
+      const pairRatios: number[] = [];
+      const readWaits: number[] = [];
       let failed = 0;
       for (let round = 0; round < bootRounds; round++) {
         const fileServer = await startServerProcess({ targets: [{ iqn: IQN, luns: [{ lun: 0, file: copy }] }] });
@@ -207,12 +219,27 @@ async function main(): Promise<number> {
         });
         servers.push(mountServer);
         const fromMount = await bootFromIscsi(mountServer.url(0), { timeoutMs: 180_000, nonce: `bench-mount-${round}`, stopAtMarker: true });
+        // What the cold path cost the guest directly: the time its reads spent in the mount, summed.
+        const readWaitMs = await readLatencySumMs(join(dir.path, `d-boot-${round}`)).catch(() => undefined);
+        if (readWaitMs !== undefined) readWaits.push(readWaitMs);
         await mountServer.stop();
         for (const [result, into] of [[fromFile, fileMs], [fromMount, mountMs]] as const) {
           if (result.markerSeen && result.markerMs !== undefined) into.push(result.markerMs);
           else failed++;
         }
-        say(`  boot ${round + 1}/${bootRounds} to marker: raw-file LUN ${fromFile.markerMs?.toFixed(0) ?? 'FAILED'} ms; cold mount ${fromMount.markerMs?.toFixed(0) ?? 'FAILED'} ms`);
+        if (fromFile.markerMs !== undefined && fromMount.markerMs !== undefined) pairRatios.push(fromMount.markerMs / fromFile.markerMs);
+        say(
+          `  boot ${round + 1}/${bootRounds} to marker: raw-file LUN ${fromFile.markerMs?.toFixed(0) ?? 'FAILED'} ms; cold mount ${fromMount.markerMs?.toFixed(0) ?? 'FAILED'} ms` +
+            (readWaitMs !== undefined ? ` (its reads took ${readWaitMs.toFixed(0)} ms in all)` : ''),
+        );
+      }
+      const sortedRatios = [...pairRatios].sort((a, b) => a - b);
+      if (sortedRatios.length > 0) {
+        say(
+          `  boot ratio per round (cold mount / raw-file LUN, same round): median ${median(sortedRatios).toFixed(3)}, ` +
+            `range ${sortedRatios[0]!.toFixed(2)}–${sortedRatios[sortedRatios.length - 1]!.toFixed(2)}, ${sortedRatios.filter((r) => r <= 1.05).length} of ${sortedRatios.length} rounds <= 1.05; ` +
+            `cold-mount reads took ${median(readWaits).toFixed(0)} ms per boot (median)`,
+        );
       }
       const fileMedian = median(fileMs), mountMedian = median(mountMs);
       say(`  boot to marker, median of ${bootRounds}: raw-file LUN ${fileMedian.toFixed(0)} ms; cold mount ${mountMedian.toFixed(0)} ms` + (failed > 0 ? ` (${failed} boots FAILED)` : ''));
