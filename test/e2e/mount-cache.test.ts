@@ -45,6 +45,25 @@ async function control(deltaDir: string): Promise<ControlClient> {
   }
 }
 
+/**
+ * A test image of `size` bytes backed up as VM `name` and served, as LUN 0 of target
+ * `iqn.2026-12.io.bootrestore.test:NAME`, by a new server (`server`) with this `cache` config.
+ */
+async function serveImage(name: string, size: number, seed: number, cache: Record<string, unknown>): Promise<{ image: string; deltaDir: string; served: ServerProcess }> {
+  const repo = join(dir.path, `repo-${name}`);
+  const deltaDir = join(dir.path, `deltas-${name}`);
+  const image = join(dir.path, `${name}.img`);
+  await writeTestImage(image, size, seed);
+  const point = await backupImage(image, repo, name);
+  server = await startServerProcess({
+    repository: repo,
+    deltaDir,
+    cache,
+    targets: [{ iqn: `iqn.2026-12.io.bootrestore.test:${name}`, luns: [{ lun: 0, backup: { vm: name, point } }] }],
+  });
+  return { image, deltaDir, served: server };
+}
+
 async function readAll(url: string, out: string): Promise<void> {
   await runChecked('qemu-img', ['convert', '-f', 'raw', '-O', 'raw', url, out], { timeoutMs: 300_000 });
 }
@@ -104,23 +123,13 @@ describe('shared chunk cache', () => {
   });
 
   it('RSS stays below cache size + 150 MiB during a full sequential read of a larger LUN', async () => {
-    const repo = join(dir.path, 'repo-rss');
-    const deltaDir = join(dir.path, 'deltas-rss');
-    const image = join(dir.path, 'big.img');
     const SIZE = 320 * MiB;
     const CACHE = 32 * MiB;
-    await writeTestImage(image, SIZE, 23);
-    const point = await backupImage(image, repo, 'big');
-    server = await startServerProcess({
-      repository: repo,
-      deltaDir,
-      cache: { maxBytes: CACHE },
-      targets: [{ iqn: 'iqn.2026-12.io.bootrestore.test:rss', luns: [{ lun: 0, backup: { vm: 'big', point } }] }],
-    });
+    const { image, deltaDir, served } = await serveImage('big', SIZE, 23, { maxBytes: CACHE });
     const out = join(dir.path, 'big-read.img');
-    await readAll(server.url(0), out);
+    await readAll(served.url(0), out);
     expect((await readFile(out)).equals(await readFile(image))).toBe(true);
-    const status = await readFile(`/proc/${server.child.pid}/status`, 'utf8');
+    const status = await readFile(`/proc/${served.child.pid}/status`, 'utf8');
     const hwmKiB = Number(/VmHWM:\s+(\d+) kB/.exec(status)?.[1]);
     const stats = await (await control(deltaDir)).request<ChunkCacheStats>('GET', '/v1/mounts/cache');
     console.info(`RSS peak ${(hwmKiB / 1024).toFixed(1)} MiB after reading ${SIZE / MiB} MiB through a ${CACHE / MiB} MiB cache (cache now ${(stats.bytes / MiB).toFixed(1)} MiB, ${stats.evictions} evictions)`);
@@ -128,24 +137,14 @@ describe('shared chunk cache', () => {
     expect(stats.bytes).toBeLessThanOrEqual(CACHE);
     expect(stats.evictions).toBeGreaterThan(0);
     expect(hwmKiB * 1024).toBeLessThan(CACHE + 150 * MiB);
-    await server.stop();
+    await served.stop();
     server = undefined;
   });
 
   it('cache.preallocate: the cache memory is faulted in at start, loads read into it, RSS stays bounded', async () => {
-    const repo = join(dir.path, 'repo-pre');
-    const deltaDir = join(dir.path, 'deltas-pre');
-    const image = join(dir.path, 'pre.img');
     const SIZE = 192 * MiB;
     const CACHE = 96 * MiB;
-    await writeTestImage(image, SIZE, 29);
-    const point = await backupImage(image, repo, 'pre');
-    server = await startServerProcess({
-      repository: repo,
-      deltaDir,
-      cache: { maxBytes: CACHE, preallocate: true },
-      targets: [{ iqn: 'iqn.2026-12.io.bootrestore.test:pre', luns: [{ lun: 0, backup: { vm: 'pre', point } }] }],
-    });
+    const { image, deltaDir, served } = await serveImage('pre', SIZE, 29, { maxBytes: CACHE, preallocate: true });
     const client = await control(deltaDir);
     let stats = await client.request<ChunkCacheStats>('GET', '/v1/mounts/cache');
     for (let i = 0; i < 300 && stats.preallocating; i++) {
@@ -158,16 +157,16 @@ describe('shared chunk cache', () => {
     expect(stats.loads).toBe(0);
     // Faulted in, not just reserved address space: the resident set holds it.
     const rssKiB = (status: string, field: string): number => Number(new RegExp(`${field}:\\s+(\\d+) kB`).exec(status)?.[1]);
-    const rssAfterReserve = rssKiB(await readFile(`/proc/${server.child.pid}/status`, 'utf8'), 'VmRSS');
+    const rssAfterReserve = rssKiB(await readFile(`/proc/${served.child.pid}/status`, 'utf8'), 'VmRSS');
     expect(rssAfterReserve * 1024).toBeGreaterThan(stats.preallocatedBytes);
-    const listing = await cli(['mounts', '--config', server.configFile]);
+    const listing = await cli(['mounts', '--config', served.configFile]);
     expect(listing.stdout).toMatch(/; \d+\.\d MiB preallocated\n/);
 
     const out = join(dir.path, 'pre-read.img');
-    await readAll(server.url(0), out);
+    await readAll(served.url(0), out);
     expect((await readFile(out)).equals(await readFile(image))).toBe(true);
     stats = await client.request<ChunkCacheStats>('GET', '/v1/mounts/cache');
-    const hwmKiB = rssKiB(await readFile(`/proc/${server.child.pid}/status`, 'utf8'), 'VmHWM');
+    const hwmKiB = rssKiB(await readFile(`/proc/${served.child.pid}/status`, 'utf8'), 'VmHWM');
     console.info(
       `preallocated ${(stats.preallocatedBytes / MiB).toFixed(1)} MiB (RSS then ${(rssAfterReserve / 1024).toFixed(1)} MiB); ` +
         `after a full read: ${stats.loads} loads, ${stats.recycledBuffers} into recycled or preallocated buffers, ${stats.evictions} evictions, RSS peak ${(hwmKiB / 1024).toFixed(1)} MiB`,
@@ -179,32 +178,22 @@ describe('shared chunk cache', () => {
     expect(stats.recycledBuffers).toBeGreaterThan(0.8 * stats.loads);
     expect(stats.bytes + stats.freeBufferBytes).toBeLessThanOrEqual(CACHE + 18 * 131_097);
     expect(hwmKiB * 1024).toBeLessThan(CACHE + 150 * MiB);
-    await server.stop();
+    await served.stop();
     server = undefined;
   });
 
   it('cache.preallocate larger than the machine: skipped with a warning, the server serves', async () => {
-    const deltaDir = join(dir.path, 'deltas-huge');
-    const repo = join(dir.path, 'repo-huge');
-    const image = join(dir.path, 'huge.img');
-    await writeTestImage(image, 8 * MiB, 31);
-    await backupImage(image, repo, 'pre');
-    server = await startServerProcess({
-      repository: repo,
-      deltaDir,
-      cache: { maxBytes: '4096GiB', preallocate: true },
-      targets: [{ iqn: 'iqn.2026-12.io.bootrestore.test:huge', luns: [{ lun: 0, backup: { vm: 'pre', point: 'latest' } }] }],
-    });
+    const { image, deltaDir, served } = await serveImage('huge', 8 * MiB, 31, { maxBytes: '4096GiB', preallocate: true });
     const stats = await (await control(deltaDir)).request<ChunkCacheStats>('GET', '/v1/mounts/cache');
     expect(stats).toMatchObject({ preallocatedBytes: 0, preallocating: false });
-    const warnings = server.logs().filter((l) => l.level === 40).map((l) => String(l.msg));
+    const warnings = served.logs().filter((l) => l.level === 40).map((l) => String(l.msg));
     expect(warnings.some((m) => m.startsWith('cache.maxBytes is larger than this machine'))).toBe(true);
     expect(warnings.some((m) => m.startsWith('cache.preallocate skipped'))).toBe(true);
     // It still serves the restore point.
     const head = join(dir.path, 'huge-head.img');
-    await runChecked('qemu-img', ['dd', '-f', 'raw', '-O', 'raw', 'bs=1M', 'count=4', `if=${server.url(0)}`, `of=${head}`], { timeoutMs: 60_000 });
+    await runChecked('qemu-img', ['dd', '-f', 'raw', '-O', 'raw', 'bs=1M', 'count=4', `if=${served.url(0)}`, `of=${head}`], { timeoutMs: 60_000 });
     expect((await readFile(head)).equals((await readFile(image)).subarray(0, 4 * MiB))).toBe(true);
-    await server.stop();
+    await served.stop();
     server = undefined;
   });
 });
