@@ -7,8 +7,8 @@
  * - Single-flight: concurrent misses on one digest wait for one load.
  * - Loads are bounded (`maxConcurrentLoads`): memory use is at most maxBytes + maxConcurrentLoads × chunk size
  *   + (maxConcurrentLoads + 2) free recycled buffers per chunk size (plus buffers still referenced by callers).
- *   Preallocated buffers (`preallocate`) stay within that bound: free ones plus cached bytes stay within
- *   maxBytes + maxConcurrentLoads buffers (the loads in flight hold the rest).
+ *   Preallocated buffers (`preallocate`) stay within that bound: free ones, cached bytes and the buffers
+ *   of loads in flight stay within maxBytes + maxConcurrentLoads buffers.
  * - Never blocks the event loop: loading (read + inflate + verify) is the reader's async work.
  * - Recycles memory: a load may be given a buffer of an evicted chunk to read into (`bufferBytes`), so a
  *   long sequential read does not leave a trail of evicted chunks for the garbage collector (they are
@@ -111,6 +111,8 @@ export class ChunkCache {
   private readonly maxFreeBuffers: number;
   /** Bytes of all buffers in `freeBuffers`. */
   private freeBytes = 0;
+  /** Bytes of the buffers that running loads read into. */
+  private inFlightBufferBytes = 0;
   /** The buffer size `preallocate` reserved memory for (its free list may exceed `maxFreeBuffers`). */
   private reservedBufferBytes = 0;
   private preallocatedBytes = 0;
@@ -271,7 +273,7 @@ export class ChunkCache {
     this.mountCounters.delete(mount);
   }
 
-  /** Drop every entry (tests, or `bootrestore` on memory pressure). */
+  /** Drop every entry (tests). Their buffers stay free for later loads. */
   clear(): void {
     this.lru.clear();
   }
@@ -318,8 +320,15 @@ export class ChunkCache {
     await this.acquireLoadSlot();
     this.counters.loads++;
     const scratch = bufferBytes > 0 ? this.takeBuffer(bufferBytes) : undefined;
+    const scratchBytes = scratch?.length ?? 0;
+    this.inFlightBufferBytes += scratchBytes;
     try {
-      const data = await load(scratch);
+      let data: Buffer;
+      try {
+        data = await load(scratch);
+      } finally {
+        this.inFlightBufferBytes -= scratchBytes;
+      }
       this.counters.bytesDecompressed += data.length;
       // The loader either put the chunk into `scratch` (the entry owns it now) or returned a buffer of
       // its own (a loader that does not use it): then `scratch` is free again.
@@ -341,7 +350,8 @@ export class ChunkCache {
   /**
    * A buffer of exactly `bytes` bytes: a recycled one if free, else a new one of shared memory, so
    * that the chunk worker that decodes the chunk writes it there directly (src/backup/chunk-workers.ts):
-   * no copy, and the first-touch page faults of new memory happen on the worker's CPU.
+   * no copy. (calloc clears, and so faults in, heap memory it reuses on this thread; memory it takes
+   * fresh from the kernel is first touched by the worker.)
    */
   private takeBuffer(bytes: number): Buffer {
     const free = this.freeBuffers.get(bytes);
@@ -355,8 +365,8 @@ export class ChunkCache {
   }
 
   /**
-   * Keep `buffer` for a later load: up to `maxFreeBuffers` per size, and for the preallocated size as
-   * many as fit beside the cached bytes within maxBytes. A buffer not kept is left to the garbage collector.
+   * Keep `buffer` for a later load: up to `maxFreeBuffers` per size, and of the preallocated size as
+   * many as fit within `reserveLimit`. A buffer not kept is left to the garbage collector.
    */
   private putFree(buffer: Buffer): void {
     let free = this.freeBuffers.get(buffer.length);
@@ -364,29 +374,35 @@ export class ChunkCache {
       free = [];
       this.freeBuffers.set(buffer.length, free);
     }
-    const withinReserve = buffer.length === this.reservedBufferBytes && this.freeBytes + this.lru.calculatedSize + buffer.length <= this.reserveLimit();
-    if (free.length < this.maxFreeBuffers || withinReserve) {
+    const keep =
+      buffer.length === this.reservedBufferBytes
+        ? this.reservedUse() + buffer.length <= this.reserveLimit()
+        : free.length < this.maxFreeBuffers;
+    if (keep) {
       free.push(buffer);
       this.freeBytes += buffer.length;
     }
   }
 
   /**
-   * Drop free preallocated buffers beyond what fits beside the cached bytes (the cache filled with
-   * chunks of another size, or with views it cannot recycle): free + cached stays within `reserveLimit`.
+   * Drop free preallocated buffers beyond `reserveLimit` (the cache filled with chunks of another
+   * size, or with views it cannot recycle).
    */
   private trimReserve(): void {
     const free = this.freeBuffers.get(this.reservedBufferBytes);
     if (free === undefined) return;
     const limit = this.reserveLimit();
-    while (free.length > this.maxFreeBuffers && this.freeBytes + this.lru.calculatedSize > limit) {
-      this.freeBytes -= free.pop()!.length;
-    }
+    while (free.length > 0 && this.reservedUse() > limit) this.freeBytes -= free.pop()!.length;
   }
 
   /** What `preallocate` reserves: the cache's bytes plus one buffer per load that can run at once. */
   private reserveLimit(): number {
     return this.maxBytes + this.maxConcurrentLoads * this.reservedBufferBytes;
+  }
+
+  /** Chunk memory the reserve bound counts: free buffers, cached bytes, buffers of loads in flight. */
+  private reservedUse(): number {
+    return this.freeBytes + this.lru.calculatedSize + this.inFlightBufferBytes;
   }
 
   /**
@@ -397,16 +413,20 @@ export class ChunkCache {
    * ~`PREALLOCATE_SLICE_MS`, yielding between them, so reads that start meanwhile are served (and
    * use what is ready). The work is the same as a cold read would do when it first fills the cache
    * (Node allocates array buffers with calloc, which clears them on the allocating thread); it is
-   * just done before the reads. Stops when free plus cached bytes reach maxBytes plus one buffer per
-   * concurrent load (`reserveLimit`). At most once per cache; resolves when done.
+   * just done before the reads. Stops when free, cached and in-flight buffers reach maxBytes plus one
+   * buffer per concurrent load (`reserveLimit`). At most once per cache; resolves when done.
    */
   async preallocate(bufferBytes: number): Promise<void> {
-    if (this.reservedBufferBytes > 0 || !(bufferBytes > 0) || bufferBytes > this.maxBytes) return;
+    if (this.reservedBufferBytes > 0 || !(bufferBytes > 0)) return;
+    if (bufferBytes > this.maxBytes) {
+      this.logger.warn({ bufferBytes, maxBytes: this.maxBytes }, 'cache.preallocate skipped: a chunk buffer is larger than the whole cache');
+      return;
+    }
     this.reservedBufferBytes = bufferBytes;
     this.preallocating = true;
     const started = performance.now();
     try {
-      while (this.freeBytes + this.lru.calculatedSize + bufferBytes <= this.reserveLimit()) {
+      while (this.reservedUse() + bufferBytes <= this.reserveLimit()) {
         const sliceEnd = performance.now() + PREALLOCATE_SLICE_MS;
         do {
           const buffer = Buffer.from(new SharedArrayBuffer(bufferBytes));
@@ -414,7 +434,7 @@ export class ChunkCache {
           for (let offset = 0; offset < bufferBytes; offset += PAGE_BYTES) buffer[offset] = 0;
           this.putFree(buffer);
           this.preallocatedBytes += bufferBytes;
-        } while (this.freeBytes + this.lru.calculatedSize + bufferBytes <= this.reserveLimit() && performance.now() < sliceEnd);
+        } while (this.reservedUse() + bufferBytes <= this.reserveLimit() && performance.now() < sliceEnd);
         await new Promise((resolve) => setImmediate(resolve));
       }
       this.logger.info({ bytes: this.preallocatedBytes, bufferBytes, ms: Math.round(performance.now() - started) }, 'cache memory preallocated');

@@ -84,6 +84,15 @@ interface ActiveMount {
 /** Memory `cache.preallocate` leaves to everything else on the machine. */
 const PREALLOCATE_HEADROOM_BYTES = 512 * 1024 * 1024;
 
+/** Memory this process may still take: what the machine has available, less under a cgroup limit. */
+function availableMemory(): number {
+  let available = freemem();
+  const limit = process.constrainedMemory();
+  // No limit reads as 0 or as 2^64.
+  if (limit > 0 && limit < totalmem()) available = Math.min(available, limit - process.memoryUsage.rss());
+  return available;
+}
+
 /**
  * Mounted restore points: each is a BackupBlockDevice (restore point + shared chunk cache + its own
  * delta in `<deltaDir>/<name>/delta`) served as a LUN. Records are persisted so a restarted server
@@ -114,7 +123,7 @@ export class MountManager {
    */
   startCachePreallocation(): void {
     // Reserving more than the machine has free would only get the server (or another process) killed.
-    const availableBytes = freemem();
+    const availableBytes = availableMemory();
     if (this.cache.maxBytes > availableBytes - PREALLOCATE_HEADROOM_BYTES) {
       this.logger.warn(
         { cacheBytes: this.cache.maxBytes, availableBytes },
@@ -124,7 +133,9 @@ export class MountManager {
     }
     const first = this.mounts.values().next().value;
     const bufferBytes = first?.device.cacheBufferBytes ?? chunkFileBufferSize(DEFAULT_CHUNK_SIZE);
-    void this.cache.preallocate(bufferBytes);
+    this.cache.preallocate(bufferBytes).catch((err: unknown) => {
+      this.logger.warn({ err }, 'cache.preallocate stopped; the cache allocates as it fills');
+    });
   }
 
   /** Serialise mount-table changes (mount/unmount/commit) so two requests cannot interleave. */

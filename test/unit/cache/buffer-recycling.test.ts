@@ -173,7 +173,7 @@ describe('ChunkCache.preallocate', () => {
     for (let i = 0; i < contents.length; i++) expect(cache.getCached(`k${i}`, 'm')!.equals(contents[i]!)).toBe(true);
   });
 
-  it('free preallocated buffers make room when the cache fills with chunks of another size: free + cached stay within maxBytes', async () => {
+  it('free preallocated buffers make room when the cache fills with chunks of another size: free + cached stay bounded', async () => {
     const maxBytes = 32 * CHUNK;
     const cache = new ChunkCache({ maxBytes, maxConcurrentLoads: 2, logger: silentLogger() });
     await cache.preallocate(CHUNK + 25);
@@ -190,6 +190,32 @@ describe('ChunkCache.preallocate', () => {
     const after = cache.stats();
     expect(after.bytes).toBeGreaterThan(maxBytes - 2 * CHUNK);
     expect(after.freeBufferBytes).toBeLessThan(before.freeBufferBytes / 4);
+  });
+
+  it('counts the buffers of loads in flight: free + cached + in flight stay within maxBytes + a buffer per load slot', async () => {
+    const maxBytes = 32 * CHUNK;
+    const size = CHUNK + 25;
+    const cache = new ChunkCache({ maxBytes, logger: silentLogger() });
+    let release!: () => void;
+    const gate = new Promise<void>((r) => (release = r));
+    const contents = Array.from({ length: 16 }, (_, i) => pseudoRandomBytes(CHUNK, 600 + i));
+    const loads = contents.map((c, i) =>
+      cache.get(`k${i}`, 'm', async (into) => {
+        await gate;
+        c.copy(into!);
+        return into!.subarray(0, c.length);
+      }, size),
+    );
+    await nextTurn();
+    expect(cache.stats().loadsInFlight).toBe(16);
+    await cache.preallocate(size);
+    const during = cache.stats();
+    expect(during.freeBufferBytes + during.bytes + 16 * size).toBeLessThanOrEqual(maxBytes + 16 * size);
+    release();
+    await Promise.all(loads);
+    const after = cache.stats();
+    expect(after.freeBufferBytes + after.bytes).toBeLessThanOrEqual(maxBytes + 16 * size);
+    for (let i = 0; i < contents.length; i++) expect(cache.getCached(`k${i}`, 'm')!.equals(contents[i]!)).toBe(true);
   });
 
   it('stops at maxBytes (plus a buffer per concurrent load) when loads fill the cache while it reserves', async () => {
