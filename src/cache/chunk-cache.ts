@@ -8,7 +8,8 @@
  * - Loads are bounded (`maxConcurrentLoads`): memory use is at most maxBytes + maxConcurrentLoads × chunk size
  *   + (maxConcurrentLoads + 2) free recycled buffers per chunk size (plus buffers still referenced by callers).
  *   Preallocated buffers (`preallocate`) stay within that bound: free ones, cached bytes and the buffers
- *   of loads in flight stay within maxBytes + maxConcurrentLoads buffers.
+ *   of loads in flight stay within maxBytes + maxConcurrentLoads buffers, or the free ones within
+ *   maxFreeBuffers if that is more.
  * - Never blocks the event loop: loading (read + inflate + verify) is the reader's async work.
  * - Recycles memory: a load may be given a buffer of an evicted chunk to read into (`bufferBytes`), so a
  *   long sequential read does not leave a trail of evicted chunks for the garbage collector (they are
@@ -365,8 +366,8 @@ export class ChunkCache {
   }
 
   /**
-   * Keep `buffer` for a later load: up to `maxFreeBuffers` per size, and of the preallocated size as
-   * many as fit within `reserveLimit`. A buffer not kept is left to the garbage collector.
+   * Keep `buffer` for a later load: up to `maxFreeBuffers` per size, and of the preallocated size
+   * more as long as they fit within `reserveLimit`. A buffer not kept is left to the garbage collector.
    */
   private putFree(buffer: Buffer): void {
     let free = this.freeBuffers.get(buffer.length);
@@ -374,10 +375,9 @@ export class ChunkCache {
       free = [];
       this.freeBuffers.set(buffer.length, free);
     }
-    const keep =
-      buffer.length === this.reservedBufferBytes
-        ? this.reservedUse() + buffer.length <= this.reserveLimit()
-        : free.length < this.maxFreeBuffers;
+    // Like every size, the reserved one keeps `maxFreeBuffers` whatever the limit: buffers of pinned
+    // chunks come back late, and dropping them would only make later loads allocate anew.
+    const keep = free.length < this.maxFreeBuffers || (buffer.length === this.reservedBufferBytes && this.reservedUse() + buffer.length <= this.reserveLimit());
     if (keep) {
       free.push(buffer);
       this.freeBytes += buffer.length;
@@ -385,14 +385,14 @@ export class ChunkCache {
   }
 
   /**
-   * Drop free preallocated buffers beyond `reserveLimit` (the cache filled with chunks of another
-   * size, or with views it cannot recycle).
+   * Drop free preallocated buffers beyond `reserveLimit`, down to `maxFreeBuffers` (the cache filled
+   * with chunks of another size, or with views it cannot recycle).
    */
   private trimReserve(): void {
     const free = this.freeBuffers.get(this.reservedBufferBytes);
     if (free === undefined) return;
     const limit = this.reserveLimit();
-    while (free.length > 0 && this.reservedUse() > limit) this.freeBytes -= free.pop()!.length;
+    while (free.length > this.maxFreeBuffers && this.reservedUse() > limit) this.freeBytes -= free.pop()!.length;
   }
 
   /** What `preallocate` reserves: the cache's bytes plus one buffer per load that can run at once. */
