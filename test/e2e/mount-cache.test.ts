@@ -159,6 +159,7 @@ describe('shared chunk cache', () => {
     const rssKiB = (status: string, field: string): number => Number(new RegExp(`${field}:\\s+(\\d+) kB`).exec(status)?.[1]);
     const rssAfterReserve = rssKiB(await readFile(`/proc/${served.child.pid}/status`, 'utf8'), 'VmRSS');
     expect(rssAfterReserve * 1024).toBeGreaterThan(stats.preallocatedBytes);
+    expect(await client.request<string>('GET', '/metrics')).toContain(`bootrestore_cache_preallocated_bytes ${stats.preallocatedBytes}\n`);
     const listing = await cli(['mounts', '--config', served.configFile]);
     expect(listing.stdout).toMatch(/; \d+\.\d MiB preallocated\n/);
 
