@@ -238,12 +238,19 @@ export class LoginNegotiation {
       replies[firstBurstReplyIndex] = { key: 'FirstBurstLength', value: KeyReply.Irrelevant };
     }
 
+    // §6.2: a key appears once per response; a declaration of ours replaces any answer to the same
+    // key (the initiator sent a target-declared key, or an invalid MaxRecvDataSegmentLength).
+    const declare = (key: string, value: string): void => {
+      const at = replies.findIndex((r) => r.key === key);
+      if (at >= 0) replies[at] = { key, value };
+      else replies.push({ key, value });
+    };
     // §13.9: TargetPortalGroupTag in the first response of a normal session; alias with it.
     if (!this.sentTargetDeclarations) {
       this.sentTargetDeclarations = true;
       if (this.sessionType === 'Normal') {
-        if (this.target?.alias) replies.push({ key: 'TargetAlias', value: this.target.alias });
-        replies.push({ key: 'TargetPortalGroupTag', value: String(this.env.targetPortalGroupTag) });
+        if (this.target?.alias) declare('TargetAlias', this.target.alias);
+        declare('TargetPortalGroupTag', String(this.env.targetPortalGroupTag));
       }
     }
     // §13.12: declare what we receive once operational keys are being exchanged.
@@ -251,7 +258,7 @@ export class LoginNegotiation {
     const skippingOperational = req.transit && req.nsg === LoginStage.FullFeature;
     if (!this.sentOwnMaxRecv && (req.csg === LoginStage.Operational || skippingOperational)) {
       this.sentOwnMaxRecv = true;
-      replies.push({ key: 'MaxRecvDataSegmentLength', value: String(this.policy.maxRecvDataSegmentLength) });
+      declare('MaxRecvDataSegmentLength', String(this.policy.maxRecvDataSegmentLength));
     }
 
     const body = encodeText(replies);

@@ -114,6 +114,8 @@ const EMPTY_SLICE = Buffer.alloc(0);
 
 /** Largest Data-Out buffer we assemble for one command (bounded memory per command). */
 const MAX_WRITE_BUFFER = 128 * 1024 * 1024;
+/** Most text a continued (C bit) Text Request may buffer on one connection, all ITTs together. */
+const MAX_TEXT_REQUEST_BYTES = 1024 * 1024;
 const LOGIN_TIMEOUT_MS = 30_000;
 const LOGIN_MAX_DATA_SEGMENT = 8192; // §13.12: the default before anything is declared
 
@@ -144,8 +146,8 @@ export class Connection {
   private readonly tasks = new Map<number, ScsiTask>();
   /** Text responses too long for one PDU, continued on the initiator's next Text Request. */
   private readonly textContinuations = new Map<number, { ttt: number; rest: Buffer }>();
-  /** Text requests arriving in several PDUs (C bit), by ITT. */
-  private readonly textParts = new Map<number, Buffer[]>();
+  /** Text requests arriving in several PDUs (C bit), by ITT, with the TTT their next part must copy. */
+  private readonly textParts = new Map<number, { ttt: number; parts: Buffer[] }>();
   private inFlight = 0;
   private idleWaiters: Array<() => void> = [];
   private draining = false;
@@ -540,7 +542,10 @@ export class Connection {
     };
     if (immediateLength > 0) {
       if (immediateLength === writeLength) task.immediateData = pdu.data;
-      else if (!this.placeData(task, 0, pdu.data)) return;
+      // A write too large to buffer is refused when its turn comes (deliverTask), not here: an
+      // answered command's CmdSN must be consumed in order, or later commands wait for it forever,
+      // and an out-of-window one must get no answer at all (§3.2.2.1).
+      else if (writeLength <= MAX_WRITE_BUFFER) this.placeData(task, 0, pdu.data);
       task.received = immediateLength;
     }
     this.tasks.set(task.itt, task);
@@ -573,6 +578,13 @@ export class Connection {
   private deliverTask(task: ScsiTask): void {
     task.delivered = true;
     if (task.aborted || this.draining) return;
+    if (task.writeLength > MAX_WRITE_BUFFER) {
+      // More than we assemble for one command: refused in CmdSN order, before any R2T.
+      this.tasks.delete(task.itt);
+      task.aborted = true;
+      this.sendCheckCondition(task, INVALID_FIELD_IN_CDB);
+      return;
+    }
     this.advanceWrite(task);
   }
 
@@ -637,6 +649,12 @@ export class Connection {
         this.dataSequenceError(task, task.unsolicitedDataSN, f.dataSN);
         return;
       }
+      if (f.bufferOffset !== task.received) {
+        // §13.18 DataPDUInOrder=Yes (the only value we accept): no gap, no overlap. Counting bytes
+        // alone would let a misplaced PDU "complete" the buffer with bytes never sent.
+        this.dataSequenceError(task, task.unsolicitedDataSN, f.dataSN);
+        return;
+      }
       task.unsolicitedDataSN++;
       if (len > 0 && !this.placeData(task, f.bufferOffset, pdu.data)) return;
       task.received += len;
@@ -653,6 +671,13 @@ export class Connection {
       this.dataSequenceError(task, r2t.nextDataSN, f.dataSN);
       return;
     }
+    if (f.bufferOffset !== r2t.offset + r2t.received || (f.final && r2t.received + len < r2t.length)) {
+      // §13.18 DataPDUInOrder=Yes: each PDU starts where the previous one ended (no gap, no overlap).
+      // §11.7.1: F marks the last Data-Out answering the R2T; ending it short leaves bytes nobody
+      // will send (ERL 0 asks for no retransmission): terminate the task like a DataSN error.
+      this.dataSequenceError(task, r2t.nextDataSN, f.dataSN);
+      return;
+    }
     r2t.nextDataSN++;
     if (len > 0 && !this.placeData(task, f.bufferOffset, pdu.data)) return;
     r2t.received += len;
@@ -664,12 +689,13 @@ export class Connection {
   }
 
   /**
-   * A Data-Out with the wrong DataSN (lost, repeated or reordered PDU, §11.7.5). ERL 0 cannot
+   * A Data-Out out of sequence: wrong DataSN (lost, repeated or reordered PDU, §11.7.5), wrong
+   * buffer offset, or a sequence ended early. ERL 0 cannot
    * recover it by SNACK (§7.1.4.1): the task ends with CHECK CONDITION, ABORTED COMMAND /
    * DATA PHASE ERROR (SPC-4: 0B/4B/00); later Data-Out for it is discarded. The connection stays.
    */
   private dataSequenceError(task: ScsiTask, expected: number, got: number): void {
-    this.logger.warn({ itt: task.itt, expectedDataSN: expected, dataSN: got }, 'Data-Out DataSN out of sequence; task terminated');
+    this.logger.warn({ itt: task.itt, expectedDataSN: expected, dataSN: got }, 'Data-Out out of sequence; task terminated');
     this.abortTask(task);
     this.sendCheckCondition(task, DATA_PHASE_ERROR);
   }
@@ -1039,27 +1065,47 @@ export class Connection {
 
   private answerText(itt: number, ttt: number, continued: boolean, data: Buffer, bhs: Buffer): void {
     const session = this.session!;
-    const pending = this.textContinuations.get(itt);
-    if (ttt !== RESERVED_TAG) {
-      // The initiator asks for the next part of a long response (§11.10.4).
-      if (!pending || pending.ttt !== ttt) {
+    let earlier: Buffer[] | undefined;
+    if (ttt === RESERVED_TAG) {
+      // §11.10.4: a reserved TTT is a new request: forget what was pending for this ITT.
+      this.textContinuations.delete(itt);
+      this.textParts.delete(itt);
+    } else {
+      // §11.10.4: the TTT of our last response, copied, continues that exchange: the next part of
+      // a long response of ours, or more of the initiator's text (C bit, §11.10.2).
+      const pending = this.textContinuations.get(itt);
+      const partial = this.textParts.get(itt);
+      if (pending !== undefined && pending.ttt === ttt) {
+        this.textContinuations.delete(itt);
+        this.sendTextResponse(itt, pending.rest);
+        return;
+      }
+      if (partial === undefined || partial.ttt !== ttt) {
         this.sendReject(RejectReason.InvalidPduField, bhs);
         return;
       }
-      this.textContinuations.delete(itt);
-      this.sendTextResponse(itt, pending.rest);
-      return;
+      this.textParts.delete(itt);
+      earlier = partial.parts;
     }
     if (continued) {
-      const parts = this.textParts.get(itt) ?? [];
-      parts.push(data);
-      this.textParts.set(itt, parts);
-      this.sendTextPart(itt, Buffer.alloc(0), true, this.newTargetTransferTag());
+      const parts = earlier ? [...earlier, data] : [data];
+      let buffered = 0;
+      for (const pendingText of this.textParts.values()) for (const part of pendingText.parts) buffered += part.length;
+      for (const part of parts) buffered += part.length;
+      if (buffered > MAX_TEXT_REQUEST_BYTES) {
+        // Bounded like a login's text (which stops at 64 parts): the exchange is dropped and the
+        // PDU rejected as beyond our resources (§11.17.1, reason 0x0a).
+        this.logger.warn({ itt, buffered }, 'continued text request too long; rejected');
+        this.sendReject(RejectReason.LongOperationReject, bhs);
+        return;
+      }
+      const next = this.newTargetTransferTag();
+      this.textParts.set(itt, { ttt: next, parts });
+      // Empty, F=0 with a TTT to copy (§11.11.4); C=0: no text of ours is being continued (§11.11.2).
+      this.sendTextPart(itt, Buffer.alloc(0), true, next, false);
       return;
     }
-    const parts = this.textParts.get(itt);
-    this.textParts.delete(itt);
-    const text = parts ? Buffer.concat([...parts, data]) : data;
+    const text = earlier ? Buffer.concat([...earlier, data]) : data;
     const parsed = parseText(text);
     if (!parsed.ok) {
       this.logger.warn({ reason: parsed.reason }, 'malformed text request');
@@ -1096,12 +1142,12 @@ export class Connection {
     this.sendTextPart(itt, body.subarray(0, max), true, ttt);
   }
 
-  private sendTextPart(itt: number, body: Buffer, more: boolean, ttt: number): void {
+  private sendTextPart(itt: number, body: Buffer, more: boolean, ttt: number, textContinues = more): void {
     const session = this.session!;
     this.writer.send(
       encodeTextResponse({
         final: !more,
-        continue: more,
+        continue: textContinues,
         lun: 0,
         itt,
         ttt,
