@@ -443,7 +443,6 @@ export class ChunkCache {
     }
   }
 
-
   /**
    * An evicted entry's buffer becomes free on the next turn of the event loop: waiters of the load that
    * filled it copy from it in promise reactions of the current turn. Buffers with escaped views are
