@@ -101,9 +101,11 @@ export class IscsiServer {
       connectionClosed: (conn) => this.connectionClosed(conn),
       sendTargets: (session, value, localAddress) => this.sendTargets(session, value, localAddress),
       abortOtherTasks: (iqn, lun, except) => {
+        const executing: Array<Promise<void>> = [];
         for (const [session, conn] of this.connectionBySession) {
-          if (conn !== except && session.target?.iqn === iqn) conn.abortTasksFor(lun);
+          if (conn !== except && session.target?.iqn === iqn) executing.push(...conn.abortTasksFor(lun));
         }
+        return executing;
       },
     };
   }

@@ -28,6 +28,11 @@ export class LbaRangeLock {
     return this.held.length;
   }
 
+  /** True when acquire(lba, blocks) would have to wait for an overlapping holder or waiter. */
+  wouldWait(lba: number, blocks: number): boolean {
+    return !this.canGrant(lba, lba + Math.max(blocks, 1), this.waiting.length);
+  }
+
   /** Resolve with a release function once [lba, lba + blocks) can be modified exclusively. */
   acquire(lba: number, blocks: number): Promise<ReleaseLock> {
     const start = lba;

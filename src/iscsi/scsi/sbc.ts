@@ -80,7 +80,15 @@ export async function write(
   const data = ctx.cmd.dataOut;
   const arrivedBlocks = data === undefined ? 0 : Math.min(blocks, Math.floor(data.length / blockSize));
   if (arrivedBlocks === 0) return { dataOutLength };
+  // SAM-5 5.6 / RFC 7143 §11.5.1: once a task management function has reported a command aborted,
+  // the command must not change the medium. A write that waited behind an overlapping one may have
+  // been aborted meanwhile: look (only then, cmd.signal costs an AbortController) before writing.
+  const waited = lu.lock.wouldWait(lba, arrivedBlocks);
   const release = await lu.lock.acquire(lba, arrivedBlocks);
+  if (waited && ctx.cmd.signal?.aborted === true) {
+    release();
+    return { ...fail(SenseReason.TaskAborted), dataOutLength };
+  }
   try {
     const payload = data!.length === arrivedBlocks * blockSize ? data! : data!.subarray(0, arrivedBlocks * blockSize);
     await device.write(lba, payload, { fua: forceUnitAccess(ctx, fuaBit) });

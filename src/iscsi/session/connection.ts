@@ -69,8 +69,11 @@ export interface ConnectionHost {
   connectionClosed(conn: Connection): void;
   /** SendTargets answer (§13.3, appendix C) for `value` as seen from this connection. */
   sendTargets(session: Session, value: string, localAddress: string): TextPair[];
-  /** Abort tasks of other connections on the same target (LU / target reset, CLEAR TASK SET). */
-  abortOtherTasks(targetIqn: string, lun: number | undefined, except: Connection): void;
+  /**
+   * Abort tasks of other connections on the same target (LU / target reset, CLEAR TASK SET);
+   * returns the ends of those that were already executing (see `abortTasksFor`).
+   */
+  abortOtherTasks(targetIqn: string, lun: number | undefined, except: Connection): Array<Promise<void>>;
 }
 
 interface OutstandingR2T {
@@ -105,6 +108,10 @@ interface ScsiTask {
   r2ts: Map<number, OutstandingR2T> | undefined;
   /** Created only when the SCSI layer looks at the command's signal (saves work per command). */
   abortController: AbortController | undefined;
+  /** A Data-Out of this task failed its data digest: it ends in CHECK CONDITION, never executes. */
+  digestError?: boolean;
+  /** Settles when the SCSI layer has finished the command (set once it executes). */
+  finished?: Promise<void>;
 }
 
 /** Response bytes queued in the socket beyond which we stop reading new commands. */
@@ -232,16 +239,20 @@ export class Connection {
     }
   }
 
-  /** Abort (silently, ERL 0) this connection's tasks on `lun` (all LUNs if undefined). */
-  abortTasksFor(lun: number | undefined): number {
-    let n = 0;
+  /**
+   * Abort (silently, ERL 0) this connection's tasks on `lun` (all LUNs if undefined). Returns the
+   * ends of the ones already executing on the device: a task management response must not go out
+   * while an aborted command can still change the medium (SAM-5 7.1, RFC 7143 §4.2.3.3).
+   */
+  abortTasksFor(lun: number | undefined): Array<Promise<void>> {
+    const executing: Array<Promise<void>> = [];
     for (const task of [...this.tasks.values()]) {
       if (lun === undefined || task.fields.lun === lun) {
-        this.abortTask(task);
-        n++;
+        const finished = this.abortTask(task);
+        if (finished !== undefined) executing.push(finished);
       }
     }
-    return n;
+    return executing;
   }
 
   // ---------------------------------------------------------------- receive dispatch
@@ -263,6 +274,17 @@ export class Connection {
     // §7.8: reject with Data Digest Error and discard the PDU.
     this.logger.warn({ opcode: opcodeOf(pdu.bhs) }, 'data digest error');
     this.sendReject(RejectReason.DataDigestError, pdu.bhs);
+    // §7.8: for a discarded Data-Out the target must request retransmission (recovery R2T, ERL >= 1)
+    // or terminate the task with CHECK CONDITION "protocol service CRC error" (§11.4.7.2) once all
+    // its data has arrived. ERL 0 has no recovery R2T: account for the PDU (its header digest was
+    // good) without keeping its data, so the task ends instead of waiting for bytes nobody resends.
+    if (this.state === ConnectionState.FullFeature && opcodeOf(pdu.bhs) === Opcode.DataOut) {
+      const task = this.tasks.get(initiatorTaskTag(pdu.bhs));
+      if (task && !task.aborted) {
+        task.digestError = true;
+        this.onDataOut(pdu);
+      }
+    }
   }
 
   private onFramingError(err: FramingError): void {
@@ -592,7 +614,14 @@ export class Connection {
   private advanceWrite(task: ScsiTask): void {
     if (!task.delivered || task.executing || task.aborted) return;
     if (task.received >= task.writeLength) {
-      if (task.r2ts === undefined || task.r2ts.size === 0) this.execute(task);
+      if (task.r2ts !== undefined && task.r2ts.size > 0) return;
+      if (task.digestError) {
+        // §7.8 b: all data is in, part of it failed its digest: nothing is written.
+        this.abortTask(task);
+        this.sendCheckCondition(task, PROTOCOL_SERVICE_CRC_ERROR);
+        return;
+      }
+      this.execute(task);
       return;
     }
     if (!task.unsolicitedDone) return; // unsolicited Data-Out still coming (F bit not seen)
@@ -715,7 +744,7 @@ export class Connection {
       running = Promise.reject(err);
     }
     // One reaction per command: completion, contract breach and send errors all end here.
-    running.then(
+    task.finished = running.then(
       (result) => this.finishCommand(task, result),
       (err: unknown) => {
         this.logger.error({ err, itt: task.itt }, 'SCSI layer failed a command');
@@ -966,11 +995,13 @@ export class Connection {
     );
   }
 
-  private abortTask(task: ScsiTask): void {
+  /** Abort `task`; if the device is already executing it, the promise of its end. */
+  private abortTask(task: ScsiTask): Promise<void> | undefined {
     task.aborted = true;
     task.abortController?.abort();
     if (this.tasks.get(task.itt) === task) this.tasks.delete(task.itt);
     if (!task.delivered && !task.immediate) this.session?.window.cancelHeld(task.cmdSN);
+    return task.executing ? task.finished : undefined;
   }
 
   // ---------------------------------------------------------------- Task management (§11.5)
@@ -980,12 +1011,15 @@ export class Connection {
     const target = session.target!;
     const f = decodeTaskManagementRequest(bhs);
     let response: TaskManagementResponseCode;
+    // Aborted commands still running on the device: the response waits for them (abortTasksFor).
+    const executing: Array<Promise<void>> = [];
     const lunPresent = (): boolean => target.port.lunNumbers().includes(f.lun);
     switch (f.function) {
       case TaskManagementFunction.AbortTask: {
         const task = this.tasks.get(f.referencedTaskTag);
         if (task && task.fields.lun === f.lun) {
-          this.abortTask(task);
+          const finished = this.abortTask(task);
+          if (finished !== undefined) executing.push(finished);
           response = TaskManagementResponseCode.FunctionComplete;
         } else if (
           !task &&
@@ -1005,30 +1039,27 @@ export class Connection {
       case TaskManagementFunction.AbortTaskSet:
         if (!lunPresent()) response = TaskManagementResponseCode.LunDoesNotExist;
         else {
-          this.abortTasksFor(f.lun);
+          executing.push(...this.abortTasksFor(f.lun));
           response = TaskManagementResponseCode.FunctionComplete;
         }
         break;
       case TaskManagementFunction.ClearTaskSet:
         if (!lunPresent()) response = TaskManagementResponseCode.LunDoesNotExist;
         else {
-          this.abortTasksFor(f.lun);
-          this.host.abortOtherTasks(target.iqn, f.lun, this);
+          executing.push(...this.abortTasksFor(f.lun), ...this.host.abortOtherTasks(target.iqn, f.lun, this));
           response = TaskManagementResponseCode.FunctionComplete;
         }
         break;
       case TaskManagementFunction.LogicalUnitReset:
         if (!lunPresent()) response = TaskManagementResponseCode.LunDoesNotExist;
         else {
-          this.abortTasksFor(f.lun);
-          this.host.abortOtherTasks(target.iqn, f.lun, this);
+          executing.push(...this.abortTasksFor(f.lun), ...this.host.abortOtherTasks(target.iqn, f.lun, this));
           target.port.reset('lun', f.lun, session.nexus);
           response = TaskManagementResponseCode.FunctionComplete;
         }
         break;
       case TaskManagementFunction.TargetWarmReset:
-        this.abortTasksFor(undefined);
-        this.host.abortOtherTasks(target.iqn, undefined, this);
+        executing.push(...this.abortTasksFor(undefined), ...this.host.abortOtherTasks(target.iqn, undefined, this));
         target.port.reset('target', undefined, session.nexus);
         response = TaskManagementResponseCode.FunctionComplete;
         break;
@@ -1040,15 +1071,20 @@ export class Connection {
         response = TaskManagementResponseCode.FunctionNotSupported;
     }
     this.logger.info({ function: f.function, lun: f.lun, rtt: f.referencedTaskTag, response }, 'task management');
-    this.writer.send(
-      encodeTaskManagementResponse({
-        response,
-        itt: f.itt,
-        statSN: this.statSN++,
-        expCmdSN: session.window.expCmdSN,
-        maxCmdSN: session.window.maxCmdSN,
-      }),
-    );
+    const respond = (): void => {
+      if (this.state !== ConnectionState.FullFeature || this.writer.closed) return;
+      this.writer.send(
+        encodeTaskManagementResponse({
+          response,
+          itt: f.itt,
+          statSN: this.statSN++,
+          expCmdSN: session.window.expCmdSN,
+          maxCmdSN: session.window.maxCmdSN,
+        }),
+      );
+    };
+    if (executing.length === 0) respond();
+    else void Promise.all(executing).then(respond);
   }
 
   // ---------------------------------------------------------------- Text (§11.10, §11.11)
@@ -1295,3 +1331,5 @@ function fixedSense(key: number, asc: number, ascq: number): Buffer {
 const INVALID_FIELD_IN_CDB = fixedSense(0x05, 0x24, 0x00);
 /** ABORTED COMMAND / DATA PHASE ERROR (0B/4B/00): Data-Out out of sequence. */
 const DATA_PHASE_ERROR = fixedSense(0x0b, 0x4b, 0x00);
+/** ABORTED COMMAND / PROTOCOL SERVICE CRC ERROR (0B/47/05): a Data-Out failed its data digest (RFC 7143 §11.4.7.2). */
+const PROTOCOL_SERVICE_CRC_ERROR = fixedSense(0x0b, 0x47, 0x05);

@@ -70,8 +70,9 @@ import { crc32c, writeDigest } from '../../../../src/iscsi/pdu/crc32c.js';
 import { encodeText, parseText } from '../../../../src/iscsi/login/text.js';
 import { serialDiff } from '../../../../src/iscsi/session/command-window.js';
 import { MemoryDevice } from '../../../helpers/memory-device.js';
-import { pseudoRandomBytes, xorshift32 } from '../../../helpers/prng.js';
+import { pseudoRandomBytes } from '../../../helpers/prng.js';
 import { RawInitiator, read10, write10 } from './raw-initiator.js';
+import { Rng, seedFromEnv } from './fuzz-kit.js';
 
 // ---------------------------------------------------------------------------------------------
 // Knobs. Tuned for < ~25 s on a 2-vCPU machine (see the report printed at the end of each test).
@@ -95,64 +96,7 @@ const RO_BLOCKS = 64;
 /** What this target declares it receives (login.ts / keys.ts DEFAULT_TARGET_POLICY). */
 const LOGIN_MAX_DATA_SEGMENT = 8192;
 
-function seedFromEnv(): number {
-  const raw = process.env.BOOTRESTORE_FUZZ_SEED;
-  if (raw === undefined || raw.trim() === '') return DEFAULT_SEED;
-  const text = raw.trim();
-  const n = /^0x[0-9a-f]+$/i.test(text) ? parseInt(text.slice(2), 16) : Number(text);
-  if (!Number.isInteger(n) || n < 0 || n > 0xffffffff) {
-    throw new Error(`BOOTRESTORE_FUZZ_SEED must be an integer in 0..2^32-1 (decimal or 0x-hex), got "${raw}"`);
-  }
-  return n >>> 0;
-}
-
-const SEED = seedFromEnv();
-
-// ---------------------------------------------------------------------------------------------
-// PRNG (xorshift32 from test/helpers/prng.ts, seeded through a mixer so nearby seeds diverge).
-
-class Rng {
-  private readonly next: () => number;
-  constructor(seed: number) {
-    let h = (seed ^ 0x9e3779b9) >>> 0;
-    h = Math.imul(h ^ (h >>> 16), 0x85ebca6b) >>> 0;
-    h = Math.imul(h ^ (h >>> 13), 0xc2b2ae35) >>> 0;
-    this.next = xorshift32((h ^ (h >>> 16)) >>> 0 || 1);
-    for (let i = 0; i < 8; i++) this.next();
-  }
-  u32(): number {
-    return this.next();
-  }
-  /** 0 ≤ n < bound. */
-  int(bound: number): number {
-    return bound <= 1 ? 0 : Math.floor((this.next() / 0x1_0000_0000) * bound);
-  }
-  range(lo: number, hi: number): number {
-    return lo + this.int(hi - lo + 1);
-  }
-  chance(p: number): boolean {
-    return this.next() / 0x1_0000_0000 < p;
-  }
-  pick<T>(items: readonly T[]): T {
-    return items[this.int(items.length)]!;
-  }
-  weighted<T>(entries: ReadonlyArray<readonly [number, T]>): T {
-    let total = 0;
-    for (const [w] of entries) total += w;
-    let x = this.next() % total;
-    for (const [w, v] of entries) {
-      if (x < w) return v;
-      x -= w;
-    }
-    return entries[entries.length - 1]![1];
-  }
-  bytes(n: number): Buffer {
-    return pseudoRandomBytes(n, this.next());
-  }
-  fork(): Rng {
-    return new Rng(this.next());
-  }
-}
+const SEED = seedFromEnv(DEFAULT_SEED);
 
 // ---------------------------------------------------------------------------------------------
 // Process-level crash detection.
