@@ -1,8 +1,31 @@
 /**
  * Helpers shared by the seeded fuzz tests of the iSCSI target (fuzz.test.ts, fuzz-more.test.ts):
- * the seed taken from BOOTRESTORE_FUZZ_SEED and the seeded PRNG.
+ * the seed taken from BOOTRESTORE_FUZZ_SEED, the seeded PRNG, and process-level crash detection.
  */
+import { afterAll, beforeAll } from 'vitest';
 import { pseudoRandomBytes, xorshift32 } from '../../../helpers/prng.js';
+
+/**
+ * Records uncaught exceptions and unhandled rejections while the calling test file runs (the target
+ * runs in-process: one of these is a crash it would otherwise hide), and prints the seed to replay.
+ * Returns the list the file asserts empty.
+ */
+export function watchProcessFaults(label: string, seed: number): readonly string[] {
+  const faults: string[] = [];
+  const describe = (err: unknown): string => (err instanceof Error ? (err.stack ?? err.message) : String(err));
+  const onUncaught = (err: unknown): void => void faults.push(`uncaughtException: ${describe(err)}`);
+  const onUnhandled = (reason: unknown): void => void faults.push(`unhandledRejection: ${describe(reason)}`);
+  beforeAll(() => {
+    process.on('uncaughtException', onUncaught);
+    process.on('unhandledRejection', onUnhandled);
+    console.log(`[${label}] seed ${seed} (0x${seed.toString(16)}); replay with BOOTRESTORE_FUZZ_SEED=${seed}`);
+  });
+  afterAll(() => {
+    process.off('uncaughtException', onUncaught);
+    process.off('unhandledRejection', onUnhandled);
+  });
+  return faults;
+}
 
 /** BOOTRESTORE_FUZZ_SEED (decimal or 0x-hex) when set, else `defaultSeed`. */
 export function seedFromEnv(defaultSeed: number): number {

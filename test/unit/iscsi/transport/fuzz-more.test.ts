@@ -23,7 +23,7 @@
  * caught by deadlines on awaited answers. Uncaught exceptions, unhandled rejections and the
  * target's error-level log lines fail the test.
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { pino } from 'pino';
 import { IscsiServer } from '../../../../src/iscsi/server.js';
 import { ScsiTarget } from '../../../../src/iscsi/scsi/target.js';
@@ -48,7 +48,7 @@ import { encodeText, parseText } from '../../../../src/iscsi/login/text.js';
 import { MemoryDevice } from '../../../helpers/memory-device.js';
 import { pseudoRandomBytes } from '../../../helpers/prng.js';
 import { RawInitiator, read10, TEST_UNIT_READY, write10 } from './raw-initiator.js';
-import { Rng, seedFromEnv } from './fuzz-kit.js';
+import { Rng, seedFromEnv, watchProcessFaults } from './fuzz-kit.js';
 
 const DEFAULT_SEED = 0x2b6f_2026;
 const SEED = seedFromEnv(DEFAULT_SEED);
@@ -70,22 +70,7 @@ const CHAP: TargetChapConfig = {
 // ---------------------------------------------------------------------------------------------
 // Crash detection and the fixture.
 
-const processFaults: string[] = [];
-const onUncaught = (err: unknown): void => {
-  processFaults.push(`uncaughtException: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
-};
-const onUnhandled = (reason: unknown): void => {
-  processFaults.push(`unhandledRejection: ${reason instanceof Error ? (reason.stack ?? reason.message) : String(reason)}`);
-};
-beforeAll(() => {
-  process.on('uncaughtException', onUncaught);
-  process.on('unhandledRejection', onUnhandled);
-  console.log(`[fuzz-more] seed ${SEED} (0x${SEED.toString(16)}); replay with BOOTRESTORE_FUZZ_SEED=${SEED}`);
-});
-afterAll(() => {
-  process.off('uncaughtException', onUncaught);
-  process.off('unhandledRejection', onUnhandled);
-});
+const processFaults = watchProcessFaults('fuzz-more', SEED);
 
 interface Fixture {
   readonly server: IscsiServer;
@@ -169,15 +154,6 @@ async function loginAnswer(c: RawInitiator, where: string): Promise<LoginAnswer 
   return { statusClass: f.statusClass, statusDetail: f.statusDetail, transit: f.transit, nsg: f.nsg, keys };
 }
 
-function enableDigests(c: RawInitiator, keys: Record<string, string>): void {
-  const hd = keys.HeaderDigest === 'CRC32C';
-  const dd = keys.DataDigest === 'CRC32C';
-  c.writer.headerDigest = hd;
-  c.writer.dataDigest = dd;
-  c.reader.limits.headerDigest = hd;
-  c.reader.limits.dataDigest = dd;
-}
-
 /** A well-behaved login (CHAP when `chap`), operational keys as given. */
 async function goodLogin(
   port: number,
@@ -201,7 +177,7 @@ async function goodLogin(
   }
   const last = await loginAnswer(c, 'good login final');
   if (!last || last.statusClass !== 0 || !last.transit || last.nsg !== 3) throw new Error(`seed=${SEED}: a well-behaved login failed: ${JSON.stringify(last)}`);
-  enableDigests(c, last.keys);
+  c.enableDigests(last.keys);
   await expectServiceable(c, 'good login');
   return c;
 }

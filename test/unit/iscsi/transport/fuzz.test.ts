@@ -36,7 +36,7 @@
  *
  * The last describe block holds minimal deterministic reproductions of the defects the fuzz found.
  */
-import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 import { pino } from 'pino';
 import { IscsiServer } from '../../../../src/iscsi/server.js';
 import { ScsiTarget } from '../../../../src/iscsi/scsi/target.js';
@@ -72,7 +72,7 @@ import { serialDiff } from '../../../../src/iscsi/session/command-window.js';
 import { MemoryDevice } from '../../../helpers/memory-device.js';
 import { pseudoRandomBytes } from '../../../helpers/prng.js';
 import { RawInitiator, read10, write10 } from './raw-initiator.js';
-import { Rng, seedFromEnv } from './fuzz-kit.js';
+import { Rng, seedFromEnv, watchProcessFaults } from './fuzz-kit.js';
 
 // ---------------------------------------------------------------------------------------------
 // Knobs. Tuned for < ~25 s on a 2-vCPU machine (see the report printed at the end of each test).
@@ -101,24 +101,7 @@ const SEED = seedFromEnv(DEFAULT_SEED);
 // ---------------------------------------------------------------------------------------------
 // Process-level crash detection.
 
-const processFaults: string[] = [];
-const onUncaught = (err: unknown): void => {
-  processFaults.push(`uncaughtException: ${err instanceof Error ? (err.stack ?? err.message) : String(err)}`);
-};
-const onUnhandled = (reason: unknown): void => {
-  processFaults.push(`unhandledRejection: ${reason instanceof Error ? (reason.stack ?? reason.message) : String(reason)}`);
-};
-
-beforeAll(() => {
-  process.on('uncaughtException', onUncaught);
-  process.on('unhandledRejection', onUnhandled);
-  console.log(`[fuzz] seed ${SEED} (0x${SEED.toString(16)}); replay with BOOTRESTORE_FUZZ_SEED=${SEED}`);
-});
-
-afterAll(() => {
-  process.off('uncaughtException', onUncaught);
-  process.off('unhandledRejection', onUnhandled);
-});
+const processFaults = watchProcessFaults('fuzz', SEED);
 
 // ---------------------------------------------------------------------------------------------
 // The target under test: ScsiTarget (the real SCSI layer) with LUN 0 writable (UNMAP capable) and
@@ -2683,6 +2666,30 @@ describe('defects found by the fuzz', () => {
     }
   });
 
+  /** An immediate Text Request; `more` sets C and clears F (§11.10.2). */
+  function sendText(c: RawInitiator, itt: number, ttt: number, more: boolean, data: Buffer): void {
+    c.send(encodeTextRequest({ immediate: true, final: !more, continue: more, lun: 0, itt, ttt, cmdSN: c.cmdSN, expStatSN: c.expStatSN }), data);
+  }
+
+  /** A new one-PDU Text Request on `itt` is answered (an unknown X- key: NotUnderstood). */
+  async function expectFreshTextAnswered(c: RawInitiator, itt: number): Promise<void> {
+    sendText(c, itt, RESERVED_TAG, false, Buffer.from('X-fresh=1\0'));
+    const fresh = parseText((await c.expectPdu(Opcode.TextResponse)).data);
+    expect(fresh.ok && fresh.pairs).toEqual([{ key: 'X-fresh', value: 'NotUnderstood' }]);
+  }
+
+  /** A fixture seeded with `seed` and a logged-in connection to it, both closed after `body`. */
+  async function withSession(seed: number, keys: Record<string, string>, body: (c: RawInitiator, fx: Fixture) => Promise<void>): Promise<void> {
+    const fx = await startFixture(seed);
+    const c = await loggedIn(fx, keys);
+    try {
+      await body(c, fx);
+    } finally {
+      c.close();
+      await fx.server.stop();
+    }
+  }
+
   async function loggedIn(fx: Fixture, keys: Record<string, string> = {}): Promise<RawInitiator> {
     const c = await RawInitiator.connect(fx.port);
     const r = await c.login({ initiatorName: INITIATOR, target: IQN, isid: ISID, keys });
@@ -2693,11 +2700,8 @@ describe('defects found by the fuzz', () => {
   }
 
   it('a Text Request continued with the C bit: the next part copies the TTT and is answered; a reserved TTT starts over (RFC 7143 §11.10.4)', async () => {
-    const fx = await startFixture(1);
-    const c = await loggedIn(fx);
-    try {
-      const textRequest = (itt: number, ttt: number, more: boolean, text: string): void =>
-        c.send(encodeTextRequest({ immediate: true, final: !more, continue: more, lun: 0, itt, ttt, cmdSN: c.cmdSN, expStatSN: c.expStatSN }), Buffer.from(text));
+    await withSession(1, {}, async (c) => {
+      const textRequest = (itt: number, ttt: number, more: boolean, text: string): void => sendText(c, itt, ttt, more, Buffer.from(text));
       // "SendTargets=All" split over two PDUs.
       textRequest(10, RESERVED_TAG, true, 'SendTarg');
       const ack = decodeTextResponse((await c.expectPdu(Opcode.TextResponse)).bhs);
@@ -2712,26 +2716,17 @@ describe('defects found by the fuzz', () => {
       // A reserved TTT is a new request: the target forgets the unfinished text of that ITT.
       textRequest(11, RESERVED_TAG, true, 'X-stale');
       await c.expectPdu(Opcode.TextResponse);
-      textRequest(11, RESERVED_TAG, false, 'X-fresh=1\0');
-      const fresh = await c.expectPdu(Opcode.TextResponse);
-      const freshText = parseText(fresh.data);
-      expect(freshText.ok && freshText.pairs).toEqual([{ key: 'X-fresh', value: 'NotUnderstood' }]);
-    } finally {
-      c.close();
-      await fx.server.stop();
-    }
+      await expectFreshTextAnswered(c, 11);
+    });
   });
 
   it('a continued Text Request buffers at most 1 MiB: beyond it the PDU is rejected (0x0a), the exchange dropped, the connection goes on', async () => {
-    const fx = await startFixture(3);
-    const c = await loggedIn(fx);
-    try {
+    await withSession(3, {}, async (c) => {
       const part = Buffer.alloc(128 * 1024, 'a'.charCodeAt(0)); // one long value, 128 KiB per PDU
       let ttt = RESERVED_TAG;
       let rejected: number | undefined;
       for (let i = 0; i < 12 && rejected === undefined; i++) {
-        const data = i === 0 ? Buffer.concat([Buffer.from('X-long='), part]) : part;
-        c.send(encodeTextRequest({ immediate: true, final: false, continue: true, lun: 0, itt: 20, ttt, cmdSN: c.cmdSN, expStatSN: c.expStatSN }), data);
+        sendText(c, 20, ttt, true, i === 0 ? Buffer.concat([Buffer.from('X-long='), part]) : part);
         const reply = await c.next(HANG_MS);
         expect(reply).toBeDefined();
         if ((reply!.bhs[0]! & 0x3f) === Opcode.Reject) rejected = i;
@@ -2740,21 +2735,14 @@ describe('defects found by the fuzz', () => {
       // 8 parts (1 MiB + 7 bytes) are one byte too many: the 8th is rejected as beyond our resources.
       expect(rejected).toBe(7);
       // Continuing the dropped exchange is no longer possible; a new request is answered.
-      c.send(encodeTextRequest({ immediate: true, final: true, continue: false, lun: 0, itt: 20, ttt, cmdSN: c.cmdSN, expStatSN: c.expStatSN }), Buffer.from('X-more=1\0'));
+      sendText(c, 20, ttt, false, Buffer.from('X-more=1\0'));
       expect(decodeReject((await c.expectPdu(Opcode.Reject)).bhs).reason).toBe(0x09);
-      c.send(encodeTextRequest({ immediate: true, final: true, continue: false, lun: 0, itt: 21, ttt: RESERVED_TAG, cmdSN: c.cmdSN, expStatSN: c.expStatSN }), Buffer.from('X-fresh=1\0'));
-      const fresh = parseText((await c.expectPdu(Opcode.TextResponse)).data);
-      expect(fresh.ok && fresh.pairs).toEqual([{ key: 'X-fresh', value: 'NotUnderstood' }]);
-    } finally {
-      c.close();
-      await fx.server.stop();
-    }
+      await expectFreshTextAnswered(c, 21);
+    });
   });
 
   it('a write too large to buffer, sent with immediate data, is refused in CmdSN order: its CmdSN is consumed and later commands run (RFC 7143 §3.2.2.1)', async () => {
-    const fx = await startFixture(2);
-    const c = await loggedIn(fx, { ImmediateData: 'Yes' });
-    try {
+    await withSession(2, { ImmediateData: 'Yes' }, async (c, fx) => {
       const huge = 128 * 1024 * 1024 + 512; // above what the transport assembles for one command
       // Out of the window first: silently ignored, no CHECK CONDITION (the barrier's NOP-In comes first).
       c.scsi(write10(0, 8), { write: huge, data: Buffer.alloc(512, 1), cmdSN: c.cmdSN + 5000 });
@@ -2772,10 +2760,7 @@ describe('defects found by the fuzz', () => {
       const tur = await c.next(HANG_MS);
       expect(tur && tur.bhs[0]! & 0x3f).toBe(Opcode.ScsiResponse);
       expect(fx.rw.data.equals(fx.shadow)).toBe(true);
-    } finally {
-      c.close();
-      await fx.server.stop();
-    }
+    });
   });
 
   /** WRITE(10) of `blocks` blocks at LBA 0 without immediate data; resolves with its R2T. */
@@ -2796,25 +2781,18 @@ describe('defects found by the fuzz', () => {
   }
 
   it('a Data-Out sequence ended early by the F bit ends the write with CHECK CONDITION instead of leaving it waiting forever (RFC 7143 §11.7.1)', async () => {
-    const fx = await startFixture(3);
-    const c = await loggedIn(fx, { InitialR2T: 'Yes' });
-    try {
+    await withSession(3, { InitialR2T: 'Yes' }, async (c, fx) => {
       const r2t = await writeAwaitingR2T(c, 2);
       expect(r2t).toMatchObject({ offset: 0, length: 1024 });
       // F=1 on the first half: the sequence claims to be complete, 512 bytes are missing.
       c.send(encodeDataOut({ final: true, lun: 0, itt: r2t.itt, ttt: r2t.ttt, expStatSN: c.expStatSN, dataSN: 0, bufferOffset: 0 }), Buffer.alloc(512, 7));
       await expectDataPhaseError(c);
       expect(fx.rw.data.equals(fx.shadow)).toBe(true);
-    } finally {
-      c.close();
-      await fx.server.stop();
-    }
+    });
   });
 
   it('Data-Out at the wrong offset (overlap or gap) ends the write with CHECK CONDITION, never writes unsent bytes (RFC 7143 §13.18 DataPDUInOrder)', async () => {
-    const fx = await startFixture(4);
-    const c = await loggedIn(fx, { InitialR2T: 'No', ImmediateData: 'Yes' });
-    try {
+    await withSession(4, { InitialR2T: 'No', ImmediateData: 'Yes' }, async (c, fx) => {
       const data = Buffer.alloc(1024, 0xab);
       // Answering an R2T for 1024 bytes: 0..512, then 0..512 again with F: 1024 bytes counted, 512..1024 never sent.
       const r2t = await writeAwaitingR2T(c, 2);
@@ -2827,9 +2805,6 @@ describe('defects found by the fuzz', () => {
       c.send(encodeDataOut({ final: true, lun: 0, itt, ttt: RESERVED_TAG, expStatSN: c.expStatSN, dataSN: 0, bufferOffset: 512 }), data.subarray(512));
       await expectDataPhaseError(c);
       expect(fx.rw.data.equals(fx.shadow)).toBe(true);
-    } finally {
-      c.close();
-      await fx.server.stop();
-    }
+    });
   });
 });

@@ -138,15 +138,18 @@ export class RawInitiator {
     this.expStatSN = (f.statSN + 1) >>> 0;
     const parsed = parseText(resp.data);
     const keys = parsed.ok ? Object.fromEntries(parsed.pairs.map((p) => [p.key, p.value])) : {};
-    if (f.statusClass === 0 && f.transit && f.nsg === LoginStage.FullFeature) {
-      const hd = keys.HeaderDigest === 'CRC32C';
-      const dd = keys.DataDigest === 'CRC32C';
-      this.writer.headerDigest = hd;
-      this.writer.dataDigest = dd;
-      this.reader.limits.headerDigest = hd;
-      this.reader.limits.dataDigest = dd;
-    }
+    if (f.statusClass === 0 && f.transit && f.nsg === LoginStage.FullFeature) this.enableDigests(keys);
     return { statusClass: f.statusClass, statusDetail: f.statusDetail, keys, tsih: f.tsih };
+  }
+
+  /** Switch to the digests the target's final Login Response agreed to (`keys`: its text). */
+  enableDigests(keys: Record<string, string>): void {
+    const header = keys.HeaderDigest === 'CRC32C';
+    const data = keys.DataDigest === 'CRC32C';
+    this.writer.headerDigest = header;
+    this.writer.dataDigest = data;
+    this.reader.limits.headerDigest = header;
+    this.reader.limits.dataDigest = data;
   }
 
   /** Send a SCSI command (non-immediate, next CmdSN unless given). Returns its ITT. */
