@@ -57,16 +57,7 @@ export function isZeroDigest(digest: Buffer): boolean {
   return digest.equals(ZERO_DIGEST);
 }
 
-const ZERO_PAGE = Buffer.alloc(64 * 1024);
-
-/** True if every byte is zero (compares 64 KiB slices against a shared zero page). */
-export function isAllZero(data: Buffer): boolean {
-  for (let off = 0; off < data.length; off += ZERO_PAGE.length) {
-    const end = Math.min(data.length, off + ZERO_PAGE.length);
-    if (!data.subarray(off, end).equals(ZERO_PAGE.subarray(0, end - off))) return false;
-  }
-  return true;
-}
+export { isAllZero } from '../zero-bytes.js';
 
 export interface EncodedChunk {
   /** Header + payload, ready to be written to the chunk file. */

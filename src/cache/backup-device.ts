@@ -23,6 +23,7 @@ import type { ChunkCache } from './chunk-cache.js';
 import { DeltaStore } from './delta-store.js';
 import { DeviceMetrics } from './metrics.js';
 import { UNIT_BASE, UNIT_PRESENT, UNIT_ZERO } from './unit-map.js';
+import { isAllZero } from '../zero-bytes.js';
 
 export const BLOCK_SIZE = 512;
 /** Default read-ahead: at most this many chunks … */
@@ -581,8 +582,6 @@ function copySegment(out: Buffer, at: number, chunk: Buffer | null, from: number
   if (available < length) out.fill(0, at + available, at + length);
 }
 
-const ZEROES = Buffer.alloc(64 * 1024);
-
 /** Largest read served from the shared zero buffer; longer all-zero reads get their own buffer. */
 const SHARED_ZEROES_MAX = 16 * 1024 * 1024;
 /** Never written after allocation: read results may be views of it (callers must not modify results). */
@@ -602,14 +601,6 @@ function sharedZeroes(length: number): Buffer {
 /** true for a view of (any generation of) the shared zero buffer: callers that need their own copy must copy it. */
 function isSharedZeroes(buf: Buffer): boolean {
   return sharedZeroGenerations.has(buf.buffer);
-}
-
-function isAllZero(buf: Buffer): boolean {
-  for (let at = 0; at < buf.length; at += ZEROES.length) {
-    const n = Math.min(ZEROES.length, buf.length - at);
-    if (buf.compare(ZEROES, 0, n, at, at + n) !== 0) return false;
-  }
-  return true;
 }
 
 function asWriteError(err: unknown): unknown {

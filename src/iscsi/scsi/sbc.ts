@@ -212,7 +212,8 @@ export async function writeSame(ctx: CommandContext, lba: number, requestedBlock
   const release = await lu.lock.acquire(lba, blocks);
   try {
     // UNMAP=1: deallocate whatever the block holds, as LIO and tgt do and libiscsi's
-    // WriteSame*.UnmapUntilEnd expects (reads return zeroes afterwards: LBPRZ=1).
+    // WriteSame*.UnmapUntilEnd expects (it sends 0xFF blocks with UNMAP and, with LBPRZ=1, reads
+    // back zeroes). Initiators that must keep data send a zero block or no UNMAP bit.
     if (unmap && device.supportsUnmap) {
       await device.unmap([{ lba, blocks }]);
       return withLength(GOOD);

@@ -194,7 +194,7 @@ describe('UNMAP / WRITE SAME / GET LBA STATUS', () => {
     expect(device.mapped.every((m) => m === 0)).toBe(true);
   });
 
-  it('WRITE SAME writes the block over the range in batches; UNMAP bit deallocates; NDOB writes zeroes', async () => {
+  it('WRITE SAME writes the block over the range in batches; UNMAP bit deallocates (whatever the block holds); NDOB writes zeroes', async () => {
     const { target, nexus, device } = await makeFixture({ supportsUnmap: true, blockCount: 8192 });
     const block = filled(1, 0x77);
     expectGood(await exec(target, nexus, cdb(0x41, 10, [[2, be32(0)], [7, be16(5000)]]), { dataOut: block }));
@@ -208,6 +208,11 @@ describe('UNMAP / WRITE SAME / GET LBA STATUS', () => {
     expectGood(await exec(target, nexus, cdb(0x93, 16, [[1, [0x08]], [2, be64(100)], [10, be32(50)]]), { dataOut: filled(1, 0) }));
     expect(device.mapped[99]).toBe(1);
     expect(device.mapped.subarray(100, 150).every((m) => m === 0)).toBe(true);
+
+    // UNMAP with a block that is not zeroes deallocates too (libiscsi's WriteSame*.UnmapUntilEnd
+    // sends 0xFF blocks and expects zeroes back with LBPRZ=1).
+    expectGood(await exec(target, nexus, cdb(0x93, 16, [[1, [0x08]], [2, be64(300)], [10, be32(4)]]), { dataOut: block }));
+    expect(device.mapped.subarray(300, 304).every((m) => m === 0)).toBe(true);
 
     expectGood(await exec(target, nexus, cdb(0x93, 16, [[1, [0x01]], [2, be64(200)], [10, be32(3)]]), { expectedDataLength: 0 }));
     expect(device.data.subarray(200 * 512, 203 * 512).equals(filled(3, 0))).toBe(true);
