@@ -31,6 +31,7 @@ import {
   type Outcome,
 } from './outcome.js';
 import { SenseReason } from './sense.js';
+import type { ReleaseLock } from './range-lock.js';
 
 /** Offset of the first differing byte, or -1. */
 function firstDifference(a: Buffer, b: Buffer): number {
@@ -80,15 +81,8 @@ export async function write(
   const data = ctx.cmd.dataOut;
   const arrivedBlocks = data === undefined ? 0 : Math.min(blocks, Math.floor(data.length / blockSize));
   if (arrivedBlocks === 0) return { dataOutLength };
-  // SAM-5 5.6 / RFC 7143 §11.5.1: once a task management function has reported a command aborted,
-  // the command must not change the medium. A write that waited behind an overlapping one may have
-  // been aborted meanwhile: look (only then, cmd.signal costs an AbortController) before writing.
-  const waited = lu.lock.wouldWait(lba, arrivedBlocks);
-  const release = await lu.lock.acquire(lba, arrivedBlocks);
-  if (waited && ctx.cmd.signal?.aborted === true) {
-    release();
-    return { ...fail(SenseReason.TaskAborted), dataOutLength };
-  }
+  const release = await lockUnlessAborted(ctx, lba, arrivedBlocks);
+  if (release === undefined) return { ...fail(SenseReason.TaskAborted), dataOutLength };
   try {
     const payload = data!.length === arrivedBlocks * blockSize ? data! : data!.subarray(0, arrivedBlocks * blockSize);
     await device.write(lba, payload, { fua: forceUnitAccess(ctx, fuaBit) });
@@ -209,7 +203,8 @@ export async function writeSame(ctx: CommandContext, lba: number, requestedBlock
     block = data.subarray(0, blockSize);
   }
   if (blocks === 0) return withLength(GOOD);
-  const release = await lu.lock.acquire(lba, blocks);
+  const release = await lockUnlessAborted(ctx, lba, blocks);
+  if (release === undefined) return withLength(fail(SenseReason.TaskAborted));
   try {
     // UNMAP=1: deallocate whatever the block holds, as LIO and tgt do and libiscsi's
     // WriteSame*.UnmapUntilEnd expects (it sends 0xFF blocks with UNMAP and, with LBPRZ=1, reads
@@ -263,7 +258,8 @@ export async function unmap(ctx: CommandContext): Promise<Outcome> {
     last = Math.max(last, lba + blocks);
   }
   if (ranges.length === 0) return withLength(GOOD);
-  const release = await lu.lock.acquire(first, last - first);
+  const release = await lockUnlessAborted(ctx, first, last - first);
+  if (release === undefined) return withLength(fail(SenseReason.TaskAborted));
   try {
     await device.unmap(ranges);
   } finally {
@@ -324,7 +320,8 @@ export async function compareAndWrite(ctx: CommandContext): Promise<Outcome> {
   if (data === undefined || data.length < dataOutLength) return withLength(invalidCdbField(13));
   const expected = data.subarray(0, blocks * blockSize);
   const replacement = data.subarray(blocks * blockSize, dataOutLength);
-  const release = await lu.lock.acquire(lba, blocks);
+  const release = await lockUnlessAborted(ctx, lba, blocks);
+  if (release === undefined) return withLength(fail(SenseReason.TaskAborted));
   try {
     const current = await device.read(lba, blocks);
     const offset = firstDifference(current, expected);
@@ -350,7 +347,8 @@ export async function orWrite(ctx: CommandContext): Promise<Outcome> {
   const data = ctx.cmd.dataOut;
   const arrivedBlocks = data === undefined ? 0 : Math.min(blocks, Math.floor(data.length / blockSize));
   if (arrivedBlocks === 0) return withLength(GOOD);
-  const release = await lu.lock.acquire(lba, arrivedBlocks);
+  const release = await lockUnlessAborted(ctx, lba, arrivedBlocks);
+  if (release === undefined) return withLength(fail(SenseReason.TaskAborted));
   try {
     // The device's read result may be shared (a cached chunk): OR into a buffer of our own.
     const stored = await device.read(lba, arrivedBlocks);
@@ -375,4 +373,23 @@ export function readDefectData12(ctx: CommandContext): Outcome {
   const data = Buffer.alloc(8);
   data[1] = ctx.cdb[1]! & 0x07;
   return truncated(data, ctx.cdb.readUInt32BE(6));
+}
+
+/**
+ * The LU's range lock on [lba, lba + blocks), or undefined if the command was aborted while it
+ * waited for it. SAM-5 5.6 / RFC 7143 §11.5.1: once a task management function has reported a
+ * command aborted, the command must not change the medium; one that waited behind an overlapping
+ * command may have been aborted meanwhile. Only a command that waited looks (cmd.signal costs an
+ * AbortController); one that got the lock at once is covered by the TMF response, which waits for
+ * commands already executing.
+ */
+async function lockUnlessAborted(ctx: CommandContext, lba: number, blocks: number): Promise<ReleaseLock | undefined> {
+  const lock = ctx.lu.lock;
+  const waited = lock.wouldWait(lba, blocks);
+  const release = await lock.acquire(lba, blocks);
+  if (waited && ctx.cmd.signal?.aborted === true) {
+    release();
+    return undefined;
+  }
+  return release;
 }

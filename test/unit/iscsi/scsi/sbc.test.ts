@@ -226,6 +226,31 @@ describe('UNMAP / WRITE SAME / GET LBA STATUS', () => {
     expectSense(await exec(target, nexus, cdb(0x41, 10, [[2, be32(8190)], [7, be16(3)]]), { dataOut: block }), 0x05, 0x21, 0x00);
   });
 
+  it('a command aborted while it waits for an overlapping one ends TASK ABORTED and changes nothing (WRITE, WRITE SAME, UNMAP, COMPARE AND WRITE, ORWRITE)', async () => {
+    const { target, nexus, device } = await makeFixture({ supportsUnmap: true, blockCount: 1024, ioDelayMs: 20 });
+    const before = Buffer.from(device.data.subarray(0, 16 * 512));
+    // Each runs behind a slow WRITE of blocks 0-15 that holds the range lock; it is aborted while waiting.
+    const waiters: Array<{ name: string; cdb: Buffer; dataOut: Buffer }> = [
+      { name: 'WRITE(10)', cdb: cdb(0x2a, 10, [[7, be16(2)]]), dataOut: filled(2, 0x11) },
+      { name: 'WRITE SAME(16)', cdb: cdb(0x93, 16, [[10, be32(4)]]), dataOut: filled(1, 0x22) },
+      { name: 'UNMAP', cdb: cdb(0x42, 10, [[7, be16(24)]]), dataOut: Buffer.from([0, 22, 0, 16, 0, 0, 0, 0, ...be64(0), ...be32(8), 0, 0, 0, 0]) },
+      { name: 'COMPARE AND WRITE', cdb: cdb(0x89, 16, [[13, [1]]]), dataOut: Buffer.concat([filled(1, 0x33), filled(1, 0x44)]) },
+      { name: 'ORWRITE(16)', cdb: cdb(0x8b, 16, [[10, be32(1)]]), dataOut: filled(1, 0x55) },
+    ];
+    for (const w of waiters) {
+      const holder = exec(target, nexus, cdb(0x2a, 10, [[7, be16(16)]]), { dataOut: filled(16, 0x33) });
+      const abort = new AbortController();
+      const waiting = exec(target, nexus, w.cdb, { dataOut: w.dataOut, signal: abort.signal });
+      await new Promise((r) => setTimeout(r, 5));
+      abort.abort();
+      expect((await holder).status, w.name).toBe(ScsiStatus.Good);
+      expect((await waiting).status, w.name).toBe(ScsiStatus.TaskAborted);
+      // Only the holder's write reached the medium.
+      expect(device.data.subarray(0, 16 * 512).equals(filled(16, 0x33)), w.name).toBe(true);
+      before.copy(device.data);
+    }
+  });
+
   it('an aborted task stops a long WRITE SAME between batches with TASK ABORTED', async () => {
     const { target, nexus, device } = await makeFixture({ blockCount: 8192, ioDelayMs: 5 });
     const abort = new AbortController();
