@@ -1208,24 +1208,29 @@ export class Connection {
       return;
     }
     const closing = response === LogoutResponseCode.Success;
-    if (closing) {
-      this.abortTasksFor(undefined);
-      this.state = ConnectionState.LoggedOut;
-    }
-    this.writer.send(
-      encodeLogoutResponse({
-        response,
-        itt: f.itt,
-        statSN: this.statSN++,
-        expCmdSN: session.window.expCmdSN,
-        maxCmdSN: session.window.maxCmdSN,
-        // ERL 0: nothing is retained, reconnect after Time2Wait (§11.15.2-3).
-        time2Wait: closing ? session.params.defaultTime2Wait : 0,
-        time2Retain: 0,
-      }),
-    );
-    this.logger.info({ reason: f.reason, response }, 'logout');
-    if (closing) this.closeAfterFlush();
+    // The connection's tasks end with it; like a task management response, the Logout Response
+    // waits for those already executing, so nothing changes the medium after it (§11.14).
+    const executing = closing ? this.abortTasksFor(undefined) : [];
+    if (closing) this.state = ConnectionState.LoggedOut;
+    const respond = (): void => {
+      if (this.writer.closed) return;
+      this.writer.send(
+        encodeLogoutResponse({
+          response,
+          itt: f.itt,
+          statSN: this.statSN++,
+          expCmdSN: session.window.expCmdSN,
+          maxCmdSN: session.window.maxCmdSN,
+          // ERL 0: nothing is retained, reconnect after Time2Wait (§11.15.2-3).
+          time2Wait: closing ? session.params.defaultTime2Wait : 0,
+          time2Retain: 0,
+        }),
+      );
+      this.logger.info({ reason: f.reason, response }, 'logout');
+      if (closing) this.closeAfterFlush();
+    };
+    if (executing.length === 0) respond();
+    else void Promise.all(executing).then(respond);
   }
 
   // ---------------------------------------------------------------- Reject, login failure, close

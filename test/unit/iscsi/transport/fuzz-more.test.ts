@@ -820,8 +820,8 @@ async function concurrencyRound(fx: Fixture, rng: Rng, model: BlockModel, where:
       }
       await expectServiceable(reader, `${where} reader after`);
     }
-    // Commands aborted by a logout may still be finishing on the device (a TMF response waits for
-    // the ones it aborted; a logout response does not).
+    // Commands still executing when a connection was closed by us may still be finishing on the
+    // device (TMF and Logout responses wait for the ones they abort; a dropped connection cannot).
     await new Promise((r) => setTimeout(r, 25));
     model.settle(fx.rw.data, where, certain);
     if (!loggedOut) await expectServiceable(c, `${where} after`);
@@ -1028,6 +1028,26 @@ describe('defects found by fuzz part 2', () => {
       await new Promise((r) => setTimeout(r, 150));
       expect(fx.rw.data.subarray(9 * BLOCK, 10 * BLOCK).equals(atResponse)).toBe(true);
       c.close();
+      await c.closed;
+    } finally {
+      await fx.server.stop();
+    }
+  });
+
+  it('a write still executing at logout: the Logout Response waits for it, so the medium never changes after it (RFC 7143 §11.14)', async () => {
+    const fx = await startFixture({ ioDelayMs: 80 });
+    try {
+      const before = Buffer.from(fx.rw.data.subarray(9 * BLOCK, 10 * BLOCK));
+      const c = await goodLogin(fx.port, { keys: [['ImmediateData', 'Yes'], ['InitialR2T', 'No']] });
+      const w = new Watch(c, 'logout');
+      c.scsi(write10(9, 1), { write: BLOCK, data: Buffer.alloc(BLOCK, 0xcd) });
+      await new Promise((r) => setTimeout(r, 20));
+      c.send(encodeLogoutRequest({ immediate: true, reason: 0, itt: 0x902, cid: 0, cmdSN: c.cmdSN, expStatSN: c.expStatSN }));
+      await w.expect(Opcode.LogoutResponse, 'logout');
+      const atResponse = Buffer.from(fx.rw.data.subarray(9 * BLOCK, 10 * BLOCK));
+      expect(atResponse.equals(before) || atResponse.equals(Buffer.alloc(BLOCK, 0xcd))).toBe(true);
+      await new Promise((r) => setTimeout(r, 150));
+      expect(fx.rw.data.subarray(9 * BLOCK, 10 * BLOCK).equals(atResponse)).toBe(true);
       await c.closed;
     } finally {
       await fx.server.stop();
