@@ -995,6 +995,15 @@ export class Connection {
     );
   }
 
+  /**
+   * Send a response that must not go out while aborted commands still run on the device (task
+   * management, logout): now if none is executing, else once all of `executing` have ended.
+   */
+  private whenFinished(executing: ReadonlyArray<Promise<void>>, respond: () => void): void {
+    if (executing.length === 0) respond();
+    else void Promise.all(executing).then(respond);
+  }
+
   /** Abort `task`; if the device is already executing it, the promise of its end. */
   private abortTask(task: ScsiTask): Promise<void> | undefined {
     task.aborted = true;
@@ -1083,8 +1092,7 @@ export class Connection {
         }),
       );
     };
-    if (executing.length === 0) respond();
-    else void Promise.all(executing).then(respond);
+    this.whenFinished(executing, respond);
   }
 
   // ---------------------------------------------------------------- Text (§11.10, §11.11)
@@ -1229,8 +1237,7 @@ export class Connection {
       this.logger.info({ reason: f.reason, response }, 'logout');
       if (closing) this.closeAfterFlush();
     };
-    if (executing.length === 0) respond();
-    else void Promise.all(executing).then(respond);
+    this.whenFinished(executing, respond);
   }
 
   // ---------------------------------------------------------------- Reject, login failure, close
