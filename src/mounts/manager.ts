@@ -111,8 +111,9 @@ export class MountManager {
     private readonly logger: Logger,
   ) {
     this.cache = processChunkCache({ maxBytes: cacheBytes, logger: logger.child({ component: 'chunk-cache' }) });
-    if (cacheBytes > totalmem()) {
-      logger.warn({ cacheBytes, machineBytes: totalmem() }, 'cache.maxBytes is larger than this machine\'s memory: the server may be killed for lack of memory once the cache fills');
+    const machineBytes = totalmem();
+    if (cacheBytes > machineBytes) {
+      logger.warn({ cacheBytes, machineBytes }, 'cache.maxBytes is larger than this machine\'s memory: the server may be killed for lack of memory once the cache fills');
     }
   }
 
