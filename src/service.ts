@@ -49,7 +49,7 @@ export class BootrestoreService implements LunHost {
     private readonly logger: Logger,
   ) {
     if (config.repository) {
-      this.mounts = new MountManager(config.repository, config.deltaDir, config.cache.maxBytes, this, logger.child({ component: 'mounts' }));
+      this.mounts = new MountManager(config.repository, config.deltaDir, config.cache, this, logger.child({ component: 'mounts' }));
     }
   }
 

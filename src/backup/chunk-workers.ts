@@ -49,11 +49,19 @@ export type ChunkBytes =
   /** A record in a pack file. */
   | { readonly kind: 'record'; readonly path: string; readonly offset: number; readonly length: number };
 
+/**
+ * What a decode checks besides the header and lengths: the CRC32 of the stored payload, written
+ * at backup time (catches bit rot, torn and truncated records: ~5.5 GB/s here), and/or the SHA-256
+ * of the content against the digest it is stored under (also catches a valid chunk stored or
+ * mapped under the wrong digest: ~1.6 GB/s here, a quarter of a cold read's CPU).
+ */
+export type ChunkChecks = 'crc32' | 'sha256' | 'crc32+sha256';
+
 export interface DecodeRequest {
   readonly from: ChunkBytes;
   readonly digest: Buffer;
   readonly expectedLength: number;
-  readonly checkCrc: boolean;
+  readonly checks: ChunkChecks;
   /** Where to put the content if possible (the result is then a view of it). */
   readonly into?: Buffer;
 }
@@ -224,10 +232,11 @@ function checkHeader(h, payloadLength, expected) {
 }
 
 function checkCrc(job, payload, storedCrc) {
-  if (job.checkCrc && zlib.crc32(payload) !== storedCrc) throw new Corrupt('CRC32 mismatch');
+  if (job.checks !== 'sha256' && zlib.crc32(payload) !== storedCrc) throw new Corrupt('CRC32 mismatch');
 }
 
 function checkDigest(job, data) {
+  if (job.checks === 'crc32') return;
   const digest = createHash('sha256').update(data).digest();
   if (!digest.equals(Buffer.from(job.digest.buffer, job.digest.byteOffset, job.digest.byteLength))) {
     throw new Corrupt('SHA-256 of the content does not match its name');
@@ -297,7 +306,7 @@ type DecodeMessage = {
   from: { kind: 'bytes'; bytes: Uint8Array } | { kind: 'file'; path: string } | { kind: 'record'; path: string; offset: number; length: number };
   digest: Uint8Array;
   expected: number;
-  checkCrc: boolean;
+  checks: ChunkChecks;
   into: Uint8Array | null;
 };
 type WorkerResult =
@@ -377,7 +386,7 @@ export class ChunkWorkerPool {
       wireFrom = from;
     }
     const result = await this.submit(
-      { op: 'decode', from: wireFrom, digest: new Uint8Array(request.digest), expected: request.expectedLength, checkCrc: request.checkCrc, into: shared },
+      { op: 'decode', from: wireFrom, digest: new Uint8Array(request.digest), expected: request.expectedLength, checks: request.checks, into: shared },
       transfer,
     );
     if ('reason' in result) throw new ChunkDecodeFailure(result.reason, result.code);

@@ -3,7 +3,7 @@
  * Layouts are documented in docs/repository-format.md; all integers are little-endian.
  */
 import { createHash } from 'node:crypto';
-import { ChunkDecodeFailure, chunkWorkers, type DecodeRequest } from './chunk-workers.js';
+import { ChunkDecodeFailure, chunkWorkers, type ChunkChecks, type DecodeRequest } from './chunk-workers.js';
 import { CorruptChunkError, RepositoryError } from './errors.js';
 import type { RestorePointInfo } from './types.js';
 
@@ -124,19 +124,20 @@ export async function encodeChunkParts(data: Buffer, options: EncodeOptions = {}
 }
 
 /**
- * Parse and verify a chunk file held in memory: header, CRC32 of the payload (unless `checkCrc` is
- * false), decompression, length, then SHA-256 against `digest`, on a chunk worker
- * (src/backup/chunk-workers.ts, the one decoder; readers use `decodeStoredChunk` to let the worker
- * read the file too). Any mismatch throws CorruptChunkError: never wrong data.
+ * Parse and verify a chunk file held in memory: header, CRC32 of the payload and SHA-256 of the
+ * content against `digest` (`checks` says which of the two; default both), decompression and
+ * lengths, on a chunk worker (src/backup/chunk-workers.ts, the one decoder; readers use
+ * `decodeStoredChunk` to let the worker read the file too). Any mismatch throws CorruptChunkError:
+ * never wrong data.
  */
 export async function decodeChunk(
   file: Buffer,
   digest: Buffer,
   expectedLength: number,
   path?: string,
-  checkCrc = true,
+  checks: ChunkChecks = 'crc32+sha256',
 ): Promise<Buffer> {
-  return decodeStoredChunk({ from: { kind: 'bytes', bytes: file }, digest, expectedLength, checkCrc }, path);
+  return decodeStoredChunk({ from: { kind: 'bytes', bytes: file }, digest, expectedLength, checks }, path);
 }
 
 /** Decode a chunk from memory, a chunk file or a pack record; a failure is a CorruptChunkError naming `path`. */

@@ -45,6 +45,12 @@ export interface RestorePointInfo {
 }
 
 /**
+ * How a reader checks each chunk it loads: 'sha256' (the content hashes to the digest it is
+ * stored under) or 'crc32' (the stored payload's CRC32 from backup time). See OpenOptions.verification.
+ */
+export type ChunkVerification = 'crc32' | 'sha256';
+
+/**
  * Random access to one restore point. Used by `src/cache` (which adds the LRU cache and read-ahead)
  * and by export/verify. Never writes to the repository.
  */
@@ -59,8 +65,8 @@ export interface RestorePointReader {
   chunkLength(index: number): number;
   /**
    * Load, decompress (asynchronously) and verify chunk `index`. Zero chunks return a zero buffer.
-   * Throws `CorruptChunkError` if the chunk is missing, its header/CRC is wrong, or its SHA-256
-   * does not match. Does no caching of its own.
+   * Throws `CorruptChunkError` if the chunk is missing, its header or lengths are wrong, or its
+   * check fails (SHA-256 or CRC32, as the reader was opened). Does no caching of its own.
    */
   loadChunk(index: number): Promise<Buffer>;
   /**

@@ -1,5 +1,6 @@
 import { readFile } from 'node:fs/promises';
 import { isAbsolute, resolve, dirname } from 'node:path';
+import type { ChunkVerification } from '../backup/types.js';
 
 /**
  * The bootrestore configuration file (JSON). Schema: docs/config.schema.json. Every key is checked;
@@ -62,10 +63,11 @@ export interface ServerConfig {
   readonly targets: readonly TargetConfig[];
   readonly repository?: string;
   /**
-   * The chunk cache: its size, and whether the server reserves (faults in) that memory at start so the
-   * first restore after a start reads as fast as later ones (default false: it grows as it fills).
+   * The chunk cache: its size; whether the server reserves (faults in) that memory at start so the
+   * first restore after a start reads as fast as later ones (default false: it grows as it fills);
+   * how each chunk loaded into it from the repository is checked (default 'crc32', see README).
    */
-  readonly cache: { readonly maxBytes: number; readonly preallocate: boolean };
+  readonly cache: { readonly maxBytes: number; readonly preallocate: boolean; readonly verify: ChunkVerification };
   readonly deltaDir?: string;
   /** Local control API (HTTP on loopback). */
   readonly control?: Portal;
@@ -211,11 +213,16 @@ export function validateConfig(raw: unknown, file: string, baseDir: string): Ser
   const deltaDir = top.deltaDir === undefined ? undefined : path(top.deltaDir, 'deltaDir');
   let cacheBytes = DEFAULT_CACHE_BYTES;
   let preallocate = false;
+  let verify: ChunkVerification = 'crc32';
   if (top.cache !== undefined) {
-    const cache = c.object(top.cache, 'cache', ['maxBytes', 'preallocate']);
+    const cache = c.object(top.cache, 'cache', ['maxBytes', 'preallocate', 'verify']);
     if (cache.maxBytes !== undefined) cacheBytes = c.size(cache.maxBytes, 'cache.maxBytes');
     if (cacheBytes < MIN_CACHE_BYTES) c.fail('cache.maxBytes', 'must be at least 1MiB (one chunk must fit)');
     preallocate = c.boolean(cache.preallocate, 'cache.preallocate', false);
+    if (cache.verify !== undefined) {
+      const v = c.string(cache.verify, 'cache.verify');
+      verify = v === 'crc32' || v === 'sha256' ? v : c.fail('cache.verify', `must be "crc32" or "sha256", not ${JSON.stringify(v)}`);
+    }
   }
   let control: Portal | undefined;
   if (top.control !== undefined) {
@@ -298,7 +305,7 @@ export function validateConfig(raw: unknown, file: string, baseDir: string): Ser
     ...(repository ? { repository } : {}),
     ...(deltaDir ? { deltaDir } : {}),
     ...(control ? { control } : {}),
-    cache: { maxBytes: cacheBytes, preallocate },
+    cache: { maxBytes: cacheBytes, preallocate, verify },
     logLevel,
     nopInIntervalSeconds,
     nopInTimeoutSeconds,

@@ -8,6 +8,7 @@ import { chunkFileBufferSize, openRestorePoint } from '../backup/reader.js';
 import { DEFAULT_CHUNK_SIZE } from '../backup/engine.js';
 import { writeRestorePoint } from '../backup/writer.js';
 import { writeFileAtomic } from '../backup/repository.js';
+import type { ChunkVerification } from '../backup/types.js';
 import { holdPath, holdsDir, placeHold, releaseHold, type HoldRequest } from '../backup/holds.js';
 import { processChunkCache, type ChunkCache } from '../cache/chunk-cache.js';
 import { openBackupDevice, commitSpecFor, type BackupBlockDevice } from '../cache/backup-device.js';
@@ -101,15 +102,19 @@ function availableMemory(): number {
 export class MountManager {
   private readonly mounts = new Map<string, ActiveMount>();
   readonly cache: ChunkCache;
+  private readonly verification: ChunkVerification;
   private busy: Promise<unknown> = Promise.resolve();
 
   constructor(
     readonly repository: string,
     readonly deltaDir: string | undefined,
-    cacheBytes: number,
+    /** Config `cache`: its size, and how chunks loaded into it are checked. */
+    cacheConfig: { readonly maxBytes: number; readonly verify: ChunkVerification },
     private readonly host: LunHost,
     private readonly logger: Logger,
   ) {
+    const cacheBytes = cacheConfig.maxBytes;
+    this.verification = cacheConfig.verify;
     this.cache = processChunkCache({ maxBytes: cacheBytes, logger: logger.child({ component: 'chunk-cache' }) });
     const machineBytes = totalmem();
     if (cacheBytes > machineBytes) {
@@ -269,7 +274,7 @@ export class MountManager {
     };
     let reader;
     try {
-      reader = await openRestorePoint(this.repository, record.vm, record.point, { prepare: true });
+      reader = await openRestorePoint(this.repository, record.vm, record.point, { prepare: true, verification: this.verification });
     } catch (err) {
       await dropHoldIfNew();
       throw err;

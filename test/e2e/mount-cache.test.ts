@@ -5,12 +5,17 @@
  *  - memory stays bounded: with a cache of N bytes, a full sequential read of a larger LUN keeps the
  *    server's peak RSS (VmHWM) below N + 150 MiB;
  *  - `cache.preallocate`: the server faults in its whole cache at start; a full read by qemu-img then
- *    reads into those buffers, returns the image's bytes, and RSS stays within the same bound.
+ *    reads into those buffers, returns the image's bytes, and RSS stays within the same bound;
+ *  - `cache.verify`: a damaged chunk fails the reads that need it (EIO for qemu-io, the digest and
+ *    reason logged) under either check; a valid chunk stored under another chunk's digest is caught
+ *    by 'sha256' only — the limit of the default 'crc32', shown here as it is.
  */
-import { readFile, writeFile } from 'node:fs/promises';
+import { createHash } from 'node:crypto';
+import { open, readFile, writeFile } from 'node:fs/promises';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
-import { runChecked } from '../helpers/exec.js';
+import { runChecked, runCommand } from '../helpers/exec.js';
+import { chunkRecordLocation, corruptChunk, readChunkRecord } from '../helpers/chunk-store.js';
 import { startServerProcess, type ServerProcess } from '../helpers/server.js';
 import { makeTempDir, type TempDir } from '../helpers/tmp.js';
 import { backupImage, chunkDigests, cli, pseudoRandom, writeTestImage } from '../helpers/repo.js';
@@ -196,5 +201,77 @@ describe('shared chunk cache', () => {
     expect((await readFile(head)).equals((await readFile(image)).subarray(0, 4 * MiB))).toBe(true);
     await served.stop();
     server = undefined;
+  });
+
+  it('cache.verify: a damaged chunk fails only its reads under either check; sha256 also catches a chunk stored under the wrong digest', async () => {
+    const name = 'verify';
+    const { image, served } = await serveImage(name, 8 * MiB, 37, { maxBytes: '64MiB' }); // verify: default 'crc32'
+    const repo = join(dir.path, `repo-${name}`);
+    const content = await readFile(image);
+    const CHUNK_128K = 128 * 1024; // the backup's default chunk size
+    const digestAt = (index: number): string => createHash('sha256').update(content.subarray(index * CHUNK_128K, (index + 1) * CHUNK_128K)).digest('hex');
+    // Two chunks of 1 MiB stripe 2 of the test image: pseudo-random, stored once, uncompressed.
+    const victim = 17;
+    const donor = 18;
+    const qemuRead = (chunk: number, url: string): Promise<{ exitCode: number | null; stdout: string; stderr: string }> =>
+      runCommand('qemu-io', ['-f', 'raw', '-c', `read -v ${chunk * CHUNK_128K} 16`, url], { timeoutMs: 60_000 });
+
+    // 1. A flipped payload byte: the default check (CRC32) refuses the chunk, the rest serves.
+    const damaged = await corruptChunk(repo, digestAt(victim), undefined, 0x10);
+    const bad = await qemuRead(victim, served.url(0));
+    expect(`${bad.stdout}${bad.stderr}`).toMatch(/read failed|Input\/output error/);
+    const good = await qemuRead(victim + 2, served.url(0));
+    expect(good.exitCode).toBe(0);
+    const failures = served.logs().filter((l) => l.msg === 'chunk load failed');
+    expect(failures.length).toBeGreaterThan(0);
+    expect(JSON.stringify(failures[0])).toContain(`corrupt chunk ${digestAt(victim)}: CRC32 mismatch`);
+    await damaged.restore();
+    await served.stop();
+    server = undefined;
+
+    // 2. The victim's record overwritten by the donor's (a valid chunk, same length, its own CRC).
+    const at = await chunkRecordLocation(repo, digestAt(victim));
+    const donorRecord = await readChunkRecord(await chunkRecordLocation(repo, digestAt(donor)));
+    const original = await readChunkRecord(at);
+    expect(donorRecord.length).toBe(at.length);
+    const put = async (record: Buffer): Promise<void> => {
+      const fh = await open(at.path, 'r+');
+      try {
+        await fh.write(record, 0, record.length, at.offset);
+      } finally {
+        await fh.close();
+      }
+    };
+    await put(donorRecord);
+    try {
+      const startWith = async (verify: string | undefined): Promise<ServerProcess> =>
+        (server = await startServerProcess({
+          repository: repo,
+          deltaDir: join(dir.path, `deltas-${name}-${verify ?? 'default'}`),
+          cache: verify === undefined ? { maxBytes: '64MiB' } : { maxBytes: '64MiB', verify },
+          targets: [{ iqn: `iqn.2026-12.io.bootrestore.test:${name}`, luns: [{ lun: 0, backup: { vm: name, point: 'latest' } }] }],
+        }));
+      // crc32 (the default): the donor's bytes are served — what this check cannot see.
+      const crcServer = await startWith(undefined);
+      const whole = join(dir.path, 'verify-whole.img');
+      await readAll(crcServer.url(0), whole);
+      const servedBytes = await readFile(whole);
+      const chunkOf = (b: Buffer, index: number): Buffer => b.subarray(index * CHUNK_128K, (index + 1) * CHUNK_128K);
+      expect(chunkOf(servedBytes, victim).equals(chunkOf(content, donor))).toBe(true);
+      chunkOf(content, victim).copy(servedBytes, victim * CHUNK_128K);
+      expect(servedBytes.equals(content)).toBe(true); // everything else is right
+      await crcServer.stop();
+      // sha256: refused, reads around it still work.
+      const shaServer = await startWith('sha256');
+      const refused = await qemuRead(victim, shaServer.url(0));
+      expect(`${refused.stdout}${refused.stderr}`).toMatch(/read failed|Input\/output error/);
+      expect((await qemuRead(victim - 1, shaServer.url(0))).exitCode).toBe(0);
+      const shaFailures = shaServer.logs().filter((l) => l.msg === 'chunk load failed');
+      expect(JSON.stringify(shaFailures[0])).toContain(`corrupt chunk ${digestAt(victim)}: SHA-256 of the content does not match its name`);
+      await shaServer.stop();
+      server = undefined;
+    } finally {
+      await put(original);
+    }
   });
 });

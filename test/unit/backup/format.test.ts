@@ -60,18 +60,39 @@ describe('chunk files', () => {
     }
   });
 
-  it('the serving path (no CRC check) still rejects a flipped payload byte, by its SHA-256', async () => {
+  it("the 'sha256' serving check (no CRC) still rejects a flipped payload byte, by its SHA-256", async () => {
     for (const [content, compress] of [
       [text, true],
       [random, false],
     ] as const) {
       const { file } = await encodeChunk(content, { compress });
-      expect((await decodeChunk(file, sha256(content), content.length, undefined, false)).equals(content)).toBe(true);
+      expect((await decodeChunk(file, sha256(content), content.length, undefined, 'sha256')).equals(content)).toBe(true);
       file[CHUNK_HEADER_SIZE + 10]! ^= 0x01;
-      const err = await decodeChunk(file, sha256(content), content.length, undefined, false).catch((e: unknown) => e);
+      const err = await decodeChunk(file, sha256(content), content.length, undefined, 'sha256').catch((e: unknown) => e);
       expect(err).toBeInstanceOf(CorruptChunkError);
       expect((err as CorruptChunkError).reason).toMatch(/SHA-256|decompress|inflate/);
     }
+  });
+
+  it("the 'crc32' serving check rejects a flipped payload byte or a damaged stream; it cannot tell a valid chunk stored under the wrong name, which 'sha256' does", async () => {
+    for (const [content, compress] of [
+      [text, true],
+      [random, false],
+    ] as const) {
+      const { file } = await encodeChunk(content, { compress });
+      expect((await decodeChunk(file, sha256(content), content.length, undefined, 'crc32')).equals(content)).toBe(true);
+      const flipped = Buffer.from(file);
+      flipped[CHUNK_HEADER_SIZE + 10]! ^= 0x01;
+      const err = await decodeChunk(flipped, sha256(content), content.length, '/x/chunk', 'crc32').catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(CorruptChunkError);
+      expect((err as CorruptChunkError).reason).toBe('CRC32 mismatch');
+    }
+    // A valid chunk of the same length filed under another chunk's digest: the limit of 'crc32'.
+    const other = pseudoRandomBytes(random.length, 8);
+    const { file: otherFile } = await encodeChunk(other, { compress: false });
+    expect((await decodeChunk(otherFile, sha256(random), random.length, undefined, 'crc32')).equals(other)).toBe(true);
+    const err = await decodeChunk(otherFile, sha256(random), random.length, undefined, 'sha256').catch((e: unknown) => e);
+    expect((err as CorruptChunkError).reason).toMatch(/SHA-256/);
   });
 
   it('content that passes the CRC but not the SHA-256 is rejected (never wrong data)', async () => {

@@ -22,7 +22,7 @@ describe('config validation', () => {
     const c = validateConfig(base, FILE, '/etc/bootrestore');
     expect(c.listen).toEqual([{ host: '127.0.0.1', port: 3260 }]);
     expect(c.targets[0]!.luns[0]).toEqual({ kind: 'file', lun: 0, file: '/etc/bootrestore/disk.img', readOnly: false });
-    expect(c.cache).toEqual({ maxBytes: 1024 ** 3, preallocate: false });
+    expect(c.cache).toEqual({ maxBytes: 1024 ** 3, preallocate: false, verify: 'crc32' });
     expect(c.nopInIntervalSeconds).toBe(15);
   });
 
@@ -44,7 +44,14 @@ describe('config validation', () => {
     );
     expect(errorOf({ ...base, cache: { maxBytes: '12 parsecs' } }).key).toBe('cache.maxBytes');
     expect(errorOf({ ...base, cache: { preallocate: 'yes' } }).key).toBe('cache.preallocate');
-    expect(validateConfig({ ...base, cache: { preallocate: true } }, FILE, '/etc/b').cache).toEqual({ maxBytes: 1024 ** 3, preallocate: true });
+    expect(validateConfig({ ...base, cache: { preallocate: true } }, FILE, '/etc/b').cache).toEqual({
+      maxBytes: 1024 ** 3,
+      preallocate: true,
+      verify: 'crc32',
+    });
+    expect(validateConfig({ ...base, cache: { verify: 'sha256' } }, FILE, '/etc/b').cache.verify).toBe('sha256');
+    const badVerify = errorOf({ ...base, cache: { verify: 'md5' } });
+    expect([badVerify.key, badVerify.reason]).toEqual(['cache.verify', 'must be "crc32" or "sha256", not "md5"']);
     expect(errorOf({ ...base, control: { listen: '0.0.0.0:8080' } }).reason).toContain('loopback');
   });
 
