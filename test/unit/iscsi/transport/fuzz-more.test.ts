@@ -1005,11 +1005,9 @@ describe('defects found by fuzz part 2', () => {
     }
   });
 
-  // Not fixed: the SCSI layer cannot stop a device write already under way, and the transport sends
-  // the TMF response without waiting for aborted tasks that are executing. An aborted write can
-  // therefore change the medium after FUNCTION COMPLETE. Making the TMF response wait for them (as
-  // LIO does) touches the TMF / logout / reset paths of connection.ts and server.ts: not a small
-  // change, and the exact SAM-5 5.6 / RFC 7143 §11.5.1 wording should be checked first.
+  // Found as a gap: the SCSI layer cannot stop a device write already under way, and the TMF
+  // response went out without waiting for it, so an aborted write could change the medium after
+  // FUNCTION COMPLETE. The response now waits for aborted commands already executing (as LIO does).
   it('a write already executing when ABORT TASK arrives: the TMF response waits for it, so the medium never changes after FUNCTION COMPLETE (SAM-5 7.1, RFC 7143 §4.2.3.3)', async () => {
     const fx = await startFixture({ ioDelayMs: 80 });
     try {
@@ -1053,4 +1051,50 @@ describe('defects found by fuzz part 2', () => {
       await fx.server.stop();
     }
   });
+});
+
+describe('session reinstatement and dropped connections', () => {
+  // An initiator whose connection fails logs in again with the same ISID (§6.3.5: the target ends
+  // the old session) and retries its outstanding commands on the new session. The old session's
+  // commands are aborted, but one already executing on the device ends on its own, possibly after
+  // the new session has started. It must not overwrite what the new session writes to the same
+  // blocks: the LU's range lock (sbc.ts) makes the new write wait for it, whatever the sessions.
+  for (const how of ['reinstated while its connection is up', 'logged in again after its connection dropped'] as const) {
+    it(`a write still executing when the session is ${how} lands before, never after, the new session's write`, async () => {
+      const fx = await startFixture({ ioDelayMs: 150 });
+      const ISID = '400001370abc';
+      try {
+        const lba = 13;
+        const block = (): Buffer => Buffer.from(fx.rw.data.subarray(lba * BLOCK, (lba + 1) * BLOCK));
+        const before = block();
+        const a = await goodLogin(fx.port, { isid: ISID, keys: [['ImmediateData', 'Yes'], ['InitialR2T', 'No']] });
+        a.scsi(write10(lba, 1), { write: BLOCK, data: Buffer.alloc(BLOCK, 0xce) });
+        await new Promise((r) => setTimeout(r, 20)); // on the device now, for 150 ms
+        fx.rw.ioDelayMs = 0; // later writes are instant: without ordering, the new one would land first
+        if (how === 'logged in again after its connection dropped') {
+          a.close();
+          await a.closed;
+        }
+        const b = await RawInitiator.connect(fx.port);
+        sendLogin(b, { csg: 1, nsg: 3, transit: true, isid: ISID }, [['InitiatorName', INITIATOR], ['SessionType', 'Normal'], ['TargetName', IQN], ['ImmediateData', 'Yes'], ['InitialR2T', 'No']]);
+        const answer = await loginAnswer(b, 'login of the new session');
+        expect([answer?.statusClass, answer?.transit, answer?.nsg]).toEqual([0, true, 3]);
+        await a.closed; // a reinstated session's connection is closed by the target
+        await expectServiceable(b, 'new session'); // takes the new nexus's UNIT ATTENTION
+        expect(block().equals(before), 'the old write is still executing').toBe(true);
+        const newer = Buffer.alloc(BLOCK, 0xdf);
+        const w = new Watch(b, 'new session');
+        const itt = b.scsi(write10(lba, 1), { write: BLOCK, data: newer });
+        const resp = await w.expect(Opcode.ScsiResponse, 'write on the new session');
+        expect([resp.bhs.readUInt32BE(16), resp.bhs[3]]).toEqual([itt, 0]);
+        await new Promise((r) => setTimeout(r, 250)); // the old write has ended by now
+        expect(block().equals(newer), "the old session's write landed after the new session's").toBe(true);
+        b.close();
+        await b.closed;
+        assertNoFaults(fx, how);
+      } finally {
+        await fx.server.stop();
+      }
+    });
+  }
 });
