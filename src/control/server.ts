@@ -7,7 +7,7 @@ import { MountError, type MountManager, type MountRequest } from '../mounts/mana
  * The local control API: HTTP/1.1 with JSON bodies, on loopback only (see README "Control API").
  *   GET    /v1/status                     server pid, portals, targets
  *   GET    /v1/mounts                     mounts with delta size and cache statistics
- *   GET    /v1/mounts/cache               the shared chunk cache's statistics
+ *   GET    /v1/mounts/cache               the shared chunk cache's statistics, and how loads are checked (`verify`)
  *   POST   /v1/mounts                     { vm, point?, name?, iqn?, lun?, readOnly?, initiators? } → 201 mount
  *   DELETE /v1/mounts/NAME?delta=keep|discard
  *   POST   /v1/mounts/NAME/commit         → { point, newChunks, ... }
@@ -68,7 +68,7 @@ export class ControlServer {
     const mounts = this.mounts;
     if (!mounts) throw new MountError('this server has no "repository" configured: mounts are not available', 400);
     if (parts.length === 2 && method === 'GET') return send(res, 200, mounts.list());
-    if (parts.length === 3 && parts[2] === 'cache' && method === 'GET') return send(res, 200, mounts.cache.stats());
+    if (parts.length === 3 && parts[2] === 'cache' && method === 'GET') return send(res, 200, { ...mounts.cache.stats(), verify: mounts.verification });
     if (parts.length === 2 && method === 'POST') {
       const body = await readJson(req);
       return send(res, 201, await mounts.mount(checkMountRequest(body)));

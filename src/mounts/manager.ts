@@ -102,7 +102,8 @@ function availableMemory(): number {
 export class MountManager {
   private readonly mounts = new Map<string, ActiveMount>();
   readonly cache: ChunkCache;
-  private readonly verification: ChunkVerification;
+  /** How chunks loaded into the cache are checked (config `cache.verify`). */
+  readonly verification: ChunkVerification;
   private busy: Promise<unknown> = Promise.resolve();
 
   constructor(

@@ -253,6 +253,7 @@ describe('shared chunk cache', () => {
         }));
       // crc32 (the default): the donor's bytes are served — what this check cannot see.
       const crcServer = await startWith(undefined);
+      expect((await cli(['mounts', '--config', crcServer.configFile])).stdout).toContain('; chunks checked by CRC32');
       const whole = join(dir.path, 'verify-whole.img');
       await readAll(crcServer.url(0), whole);
       const servedBytes = await readFile(whole);
@@ -263,6 +264,7 @@ describe('shared chunk cache', () => {
       await crcServer.stop();
       // sha256: refused, reads around it still work.
       const shaServer = await startWith('sha256');
+      expect((await cli(['mounts', '--config', shaServer.configFile])).stdout).toContain('; chunks checked by SHA-256');
       const refused = await qemuRead(victim, shaServer.url(0));
       expect(`${refused.stdout}${refused.stderr}`).toMatch(/read failed|Input\/output error/);
       expect((await qemuRead(victim - 1, shaServer.url(0))).exitCode).toBe(0);

@@ -2,6 +2,10 @@ import { parseArgs, requireValue, UsageError } from '../args.js';
 import { requireServer } from '../control-client.js';
 import type { MountInfo } from '../../mounts/manager.js';
 import type { ChunkCacheStats } from '../../cache/chunk-cache.js';
+import type { ChunkVerification } from '../../backup/types.js';
+
+/** GET /v1/mounts/cache: the cache's statistics and how loads into it are checked (`cache.verify`). */
+type CacheReport = ChunkCacheStats & { readonly verify: ChunkVerification };
 
 const HELP = `usage: bootrestore mounts --config FILE [--json] [--metrics]
 
@@ -27,7 +31,7 @@ export async function run(argv: string[]): Promise<number> {
   }
   const mounts = await client.request<MountInfo[]>('GET', '/v1/mounts');
   if (args.booleans.has('json')) {
-    const cache = await client.request<ChunkCacheStats>('GET', '/v1/mounts/cache');
+    const cache = await client.request<CacheReport>('GET', '/v1/mounts/cache');
     process.stdout.write(JSON.stringify({ mounts, cache }, null, 2) + '\n');
     return 0;
   }
@@ -54,10 +58,10 @@ export async function run(argv: string[]): Promise<number> {
   for (const m of mounts) {
     if (m.refusingWrites !== undefined) process.stdout.write(`! ${m.name} refuses writes: ${m.refusingWrites}\n`);
   }
-  const cache = await client.request<ChunkCacheStats>('GET', '/v1/mounts/cache');
+  const cache = await client.request<CacheReport>('GET', '/v1/mounts/cache');
   process.stdout.write(
     `cache: ${mib(cache.bytes)} of ${mib(cache.maxBytes)} in ${cache.entries} chunks; ${cache.hits} hits, ${cache.misses} misses, ` +
-      `${cache.sharedEntries} chunks shared by several mounts` +
+      `${cache.sharedEntries} chunks shared by several mounts; chunks checked by ${cache.verify === 'sha256' ? 'SHA-256' : 'CRC32'}` +
       (cache.preallocatedBytes > 0 || cache.preallocating
         ? `; ${mib(cache.preallocatedBytes)} preallocated${cache.preallocating ? ' so far' : ''}`
         : '') +
