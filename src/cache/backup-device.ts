@@ -617,6 +617,12 @@ export function changedChunks(device: BackupBlockDevice): AsyncGenerator<Changed
  * A `RestorePointSpec` (src/backup/writer.ts) for `bootrestore commit`: a new restore point whose parent is
  * the mounted one; chunks the delta does not touch are taken from the parent unread ('parent'), touched
  * chunks are the merged content ('zero' when it is all zeroes). Run it on a quiesced mount.
+ *
+ * `base` must check SHA-256 (openRestorePoint's default): a touched chunk keeps the bytes of its base
+ * chunk the delta does not cover, read through the mount's cache, which may only have checked their
+ * CRC32 (`cache.verify`). A valid chunk stored under the wrong digest passes that, and once merged and
+ * hashed anew nothing could tell it later; so each touched chunk's base is loaded and checked through
+ * `base` first (changed chunks only), and a mismatch fails the commit with the chunk's digest.
  */
 export function commitSpecFor(
   device: BackupBlockDevice,
@@ -629,6 +635,10 @@ export function commitSpecFor(
     imageSize: base.imageSize,
     chunkSize: base.chunkSize,
     source: options.source,
-    chunkContent: (index: number, length: number) => device.mergedChunk(index, length),
+    chunkContent: async (index: number, length: number) => {
+      const content = await device.mergedChunk(index, length);
+      if (content !== 'parent' && base.chunkDigest(index) !== null) await base.loadChunk(index);
+      return content;
+    },
   };
 }

@@ -3,7 +3,7 @@
  * takes writes into its delta, `commitSpecFor` turns base + delta into a new restore point that
  * reuses every untouched chunk from the parent, and a chunk corrupted on disk fails only its reads.
  */
-import { mkdtemp, rm } from 'node:fs/promises';
+import { mkdtemp, open, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 import { afterAll, beforeAll, describe, expect, it } from 'vitest';
@@ -13,7 +13,9 @@ import { writeRestorePoint } from '../../../src/backup/writer.js';
 import { commitSpecFor, openBackupDevice } from '../../../src/cache/backup-device.js';
 import { ChunkCache } from '../../../src/cache/chunk-cache.js';
 import { silentLogger } from '../../../src/log.js';
-import { corruptChunk } from '../../helpers/chunk-store.js';
+import { chunkRecordLocation, corruptChunk, readChunkRecord } from '../../helpers/chunk-store.js';
+import { pseudoRandomBytes } from '../../helpers/buffer-source.js';
+import { CorruptChunkError } from '../../../src/backup/errors.js';
 import { patternBytes, seededRandom } from '../../helpers/fake-restore-point.js';
 
 const KiB = 1024;
@@ -141,6 +143,57 @@ describe('BackupBlockDevice over the real repository', () => {
     } finally {
       await device.close();
       await damaged.restore();
+    }
+  });
+
+  it("commit refuses a touched chunk whose base is a valid chunk stored under another digest, which a 'crc32' mount serves", async () => {
+    // Its own repository: four random (so uncompressed, equal-length) chunks.
+    const repo = join(scratch, 'repo-swapped');
+    await Repository.openOrCreate(repo);
+    const image = Buffer.concat([0, 1, 2, 3].map((i) => pseudoRandomBytes(CHUNK, 700 + i)));
+    const point = await writeRestorePoint(repo, {
+      vm: 'vm2',
+      parent: null,
+      imageSize: image.length,
+      chunkSize: CHUNK,
+      source: 'swapped-chunk test',
+      chunkContent: async (index, length) => Buffer.from(image.subarray(index * CHUNK, index * CHUNK + length)),
+    });
+    const reader = await openRestorePoint(repo, 'vm2', point.info.id, { verification: 'crc32' });
+    const victim = reader.chunkDigest(1)!.toString('hex');
+    // Chunk 1's record now holds chunk 2's (valid header, CRC and length).
+    const at = await chunkRecordLocation(repo, victim);
+    const donor = await readChunkRecord(await chunkRecordLocation(repo, reader.chunkDigest(2)!.toString('hex')));
+    expect(donor.length).toBe(at.length);
+    const fh = await open(at.path, 'r+');
+    await fh.write(donor, 0, donor.length, at.offset);
+    await fh.close();
+    const device = await openBackupDevice({
+      reader,
+      cache: new ChunkCache({ maxBytes: 1024 * KiB, logger: silentLogger() }),
+      deltaDir: join(scratch, 'delta-swapped'),
+      mountId: 'vm2-swapped',
+      identity,
+      logger: silentLogger(),
+    });
+    try {
+      // What 'crc32' cannot see: the mount serves chunk 2's bytes as chunk 1.
+      const blocksPerChunk = CHUNK / 512;
+      expect((await device.read(blocksPerChunk, blocksPerChunk)).equals(image.subarray(2 * CHUNK, 3 * CHUNK))).toBe(true);
+      await device.write(blocksPerChunk + 4, Buffer.alloc(1024, 0x5a), { fua: true }); // touches part of chunk 1
+      const base = await openRestorePoint(repo, 'vm2', point.info.id); // 'sha256', as MountManager.commit opens it
+      try {
+        const err = await writeRestorePoint(repo, commitSpecFor(device, base, { vm: 'vm2', parent: point.info.id, source: 'commit' }), {
+          logger: silentLogger(),
+        }).catch((e: unknown) => e);
+        expect(err).toBeInstanceOf(CorruptChunkError);
+        expect((err as CorruptChunkError).message).toContain(`corrupt chunk ${victim}: SHA-256 of the content does not match its name`);
+      } finally {
+        await base.close();
+      }
+      expect(await (await Repository.open(repo)).listPointIds('vm2')).toEqual([point.info.id]); // nothing committed
+    } finally {
+      await device.close();
     }
   });
 });
