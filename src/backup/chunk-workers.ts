@@ -1,6 +1,6 @@
 /**
  * Chunk encoding (compressibility probe, deflate or brotli, CRC32) and decoding (read from a chunk
- * file or a pack, header checks, CRC32, decompression, SHA-256) on worker threads.
+ * file or a pack, header checks, CRC32 and/or SHA-256, decompression) on worker threads.
  *
  * Measured here (1 GiB bench image, 2 vCPUs): node:zlib's async API runs each chunk on the libuv
  * pool with a fresh compressor, whose ~0.3–4 MiB of state the pool threads' malloc arenas hand back
@@ -9,7 +9,7 @@
  * the synchronous API 1.3 s. A worker also takes several chunks per message, where the pool costs
  * a round trip (futex wake-ups, expensive on this paravirtual guest) per chunk.
  *
- * Decoding there takes the cold-read work (read, inflate, SHA-256: ~2.5 s of CPU per GiB here) off
+ * Decoding there takes the cold-read work (read, inflate, CRC32 or SHA-256: ~1.5–2.5 s of CPU per GiB here) off
  * the event loop, which then only serves the initiators, and spreads it over the CPUs. A decoded chunk
  * is written straight into the caller's buffer when that is shared memory (the chunk cache allocates
  * SharedArrayBuffers), else it comes back as a transferred buffer. This file holds the only decoder:
@@ -82,8 +82,9 @@ export class ChunkDecodeFailure extends Error {
  * more CPU than hashing it and saves nothing, so two 4 KiB samples (start and middle) are deflated
  * first with a 4 KiB window; if neither saves MIN_SAVING the chunk is stored as it is (chunks under
  * 64 KiB are always tried). Decoding checks, in order: header size, magic, version, uncompressed
- * length = the expected one, payload length, CRC32 (unless skipped), decompression bounded to the
- * expected length, SHA-256 = the digest (docs/repository-format.md, "Chunk file").
+ * length = the expected one, payload length, CRC32 (unless `checks` is 'sha256'), decompression
+ * bounded to the expected length, SHA-256 = the digest (unless `checks` is 'crc32')
+ * (docs/repository-format.md, "Chunk file").
  */
 const WORKER_SOURCE = `
 const { parentPort, workerData } = require('node:worker_threads');

@@ -128,7 +128,8 @@ export async function encodeChunkParts(data: Buffer, options: EncodeOptions = {}
  * content against `digest` (`checks` says which of the two; default both), decompression and
  * lengths, on a chunk worker (src/backup/chunk-workers.ts, the one decoder; readers use
  * `decodeStoredChunk` to let the worker read the file too). Any mismatch throws CorruptChunkError:
- * never wrong data.
+ * never wrong data — except that 'crc32' alone cannot tell a valid chunk stored under another
+ * digest (docs/repository-format.md, "Chunk file").
  */
 export async function decodeChunk(
   file: Buffer,

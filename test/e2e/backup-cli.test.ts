@@ -264,7 +264,7 @@ describe('bootrestore backup / export / verify / list with qemu-img images', () 
     const vj = await runCli(cli, ['verify', '--repo', repo, '--json']);
     expect(vj.code).toBe(1);
     expect((JSON.parse(vj.stdout) as { brokenPoints: string[] }).brokenPoints).toEqual([`c1/${p1.id}`, `c1/${p2.id}`]);
-    await expect(reader.read(3 * CHUNK, 4096)).rejects.toThrow(/corrupt chunk .*SHA-256 of the content does not match/); // the serving path checks the SHA-256
+    await expect(reader.read(3 * CHUNK, 4096)).rejects.toThrow(/corrupt chunk .*SHA-256 of the content does not match/); // a reader checks the SHA-256 by default (mounts: cache.verify)
     const ex = await runCli(cli, ['export', '--repo', repo, '--vm', 'c1', join(dir, 'corrupt.out')]);
     expect(ex.code).toBe(1);
     expect(ex.stderr).toContain(digest);

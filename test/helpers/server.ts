@@ -24,6 +24,8 @@ export interface ServerProcess {
   stderr(): string;
   /** Parsed JSON log lines so far. */
   logs(): Array<Record<string, unknown>>;
+  /** The first log line that matches, waiting for it up to `timeoutMs` (logging is asynchronous). */
+  waitForLog(match: (line: Record<string, unknown>) => boolean, timeoutMs?: number): Promise<Record<string, unknown>>;
 }
 
 /**
@@ -72,6 +74,7 @@ export async function startServerProcess(
   const firstIqn = ((full.targets as Array<{ iqn: string }> | undefined) ?? [])[0]?.iqn ?? '';
   const port = Number(portals[0]!.split(':').pop());
   let done = false;
+  const logs = (): Array<Record<string, unknown>> => err.split('\n').map(parseLine).filter((r): r is Record<string, unknown> => r !== undefined);
   return {
     port,
     portals,
@@ -94,7 +97,15 @@ export async function startServerProcess(
       await exited;
     },
     stderr: () => err,
-    logs: () => err.split('\n').map(parseLine).filter((r): r is Record<string, unknown> => r !== undefined),
+    logs,
+    async waitForLog(match, timeoutMs = 5000) {
+      for (const deadline = Date.now() + timeoutMs; ; ) {
+        const found = logs().find(match);
+        if (found !== undefined) return found;
+        if (Date.now() > deadline) throw new Error(`no matching log line within ${timeoutMs} ms; stderr so far:\n${err.slice(-2000)}`);
+        await new Promise((r) => setTimeout(r, 25));
+      }
+    },
   };
 }
 

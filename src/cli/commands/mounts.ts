@@ -5,7 +5,7 @@ import type { ChunkCacheStats } from '../../cache/chunk-cache.js';
 import type { ChunkVerification } from '../../backup/types.js';
 
 /** GET /v1/mounts/cache: the cache's statistics and how loads into it are checked (`cache.verify`). */
-type CacheReport = ChunkCacheStats & { readonly verify: ChunkVerification };
+type CacheReport = ChunkCacheStats & { readonly verify?: ChunkVerification };
 
 const HELP = `usage: bootrestore mounts --config FILE [--json] [--metrics]
 
@@ -61,7 +61,9 @@ export async function run(argv: string[]): Promise<number> {
   const cache = await client.request<CacheReport>('GET', '/v1/mounts/cache');
   process.stdout.write(
     `cache: ${mib(cache.bytes)} of ${mib(cache.maxBytes)} in ${cache.entries} chunks; ${cache.hits} hits, ${cache.misses} misses, ` +
-      `${cache.sharedEntries} chunks shared by several mounts; chunks checked by ${cache.verify === 'sha256' ? 'SHA-256' : 'CRC32'}` +
+      `${cache.sharedEntries} chunks shared by several mounts` +
+      // `verify` is missing from servers older than cache.verify (they checked SHA-256).
+      (cache.verify === undefined ? '' : `; chunks checked by ${cache.verify === 'sha256' ? 'SHA-256' : 'CRC32'}`) +
       (cache.preallocatedBytes > 0 || cache.preallocating
         ? `; ${mib(cache.preallocatedBytes)} preallocated${cache.preallocating ? ' so far' : ''}`
         : '') +

@@ -1061,7 +1061,7 @@ describe('session reinstatement and dropped connections', () => {
   // blocks: the LU's range lock (sbc.ts) makes the new write wait for it, whatever the sessions.
   for (const how of ['reinstated while its connection is up', 'logged in again after its connection dropped'] as const) {
     it(`a write still executing when the session is ${how} lands before, never after, the new session's write`, async () => {
-      const fx = await startFixture({ ioDelayMs: 150 });
+      const fx = await startFixture({ ioDelayMs: 500 });
       const ISID = '400001370abc';
       try {
         const lba = 13;
@@ -1069,7 +1069,7 @@ describe('session reinstatement and dropped connections', () => {
         const before = block();
         const a = await goodLogin(fx.port, { isid: ISID, keys: [['ImmediateData', 'Yes'], ['InitialR2T', 'No']] });
         a.scsi(write10(lba, 1), { write: BLOCK, data: Buffer.alloc(BLOCK, 0xce) });
-        await new Promise((r) => setTimeout(r, 20)); // on the device now, for 150 ms
+        await new Promise((r) => setTimeout(r, 20)); // on the device now, for 500 ms
         fx.rw.ioDelayMs = 0; // later writes are instant: without ordering, the new one would land first
         if (how === 'logged in again after its connection dropped') {
           a.close();
@@ -1087,7 +1087,8 @@ describe('session reinstatement and dropped connections', () => {
         const itt = b.scsi(write10(lba, 1), { write: BLOCK, data: newer });
         const resp = await w.expect(Opcode.ScsiResponse, 'write on the new session');
         expect([resp.bhs.readUInt32BE(16), resp.bhs[3]]).toEqual([itt, 0]);
-        await new Promise((r) => setTimeout(r, 250)); // the old write has ended by now
+        await new Promise((r) => setTimeout(r, 100)); // the old write has ended by now (the new one waited for it)
+        expect(fx.rw.writes.filter((x) => x.lba === lba)).toHaveLength(2); // both ran on the device
         expect(block().equals(newer), "the old session's write landed after the new session's").toBe(true);
         b.close();
         await b.closed;
