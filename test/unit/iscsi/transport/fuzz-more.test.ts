@@ -653,7 +653,10 @@ class BlockModel {
   }
 }
 
-async function concurrencyRound(fx: Fixture, rng: Rng, model: BlockModel, where: string): Promise<void> {
+type RoundEnding = 'answered' | 'drop' | 'reinstate';
+
+/** One batch on a new session; returns how it ended (`forceEnding`, else chosen at random). */
+async function concurrencyRound(fx: Fixture, rng: Rng, model: BlockModel, where: string, forceEnding?: RoundEnding): Promise<RoundEnding> {
   const c = await goodLogin(fx.port, { keys: [['ImmediateData', 'Yes'], ['InitialR2T', 'No'], ['FirstBurstLength', '65536'], ['MaxBurstLength', '65536']] });
   const w = new Watch(c, where);
   // A second session (another ISID) reads while this one writes.
@@ -667,8 +670,18 @@ async function concurrencyRound(fx: Fixture, rng: Rng, model: BlockModel, where:
   let logoutItt: number | undefined;
   let pingItts = new Set<number>();
   const depth = rng.range(8, 32);
+  // How the batch ends: answered in full, or cut short when the connection drops or the initiator
+  // logs in again with the same ISID (session reinstatement, §6.3.5). A reinstating round cuts at
+  // once, with the device slowed down for the old batch only: its writes are still executing when
+  // the new session writes the same blocks, and must not land after those.
+  const ending = forceEnding ?? rng.weighted<RoundEnding>([[8, 'answered'], [1, 'drop'], [1, 'reinstate']]);
+  const cutAfter = ending === 'reinstate' ? 0 : rng.int(depth); // answers to collect before the cut
+  const deviceDelayMs = fx.rw.ioDelayMs;
+  if (ending === 'reinstate') fx.rw.ioDelayMs = 150;
   const readerTasks: Array<{ itt: number; lba: number; blocks: number }> = [];
   const sent: string[] = [];
+  /** The session that reinstates this one, if the round ends that way. */
+  let successor: RawInitiator | undefined;
   try {
     for (let i = 0; i < depth; i++) {
       const blocks = rng.range(1, 16);
@@ -718,7 +731,8 @@ async function concurrencyRound(fx: Fixture, rng: Rng, model: BlockModel, where:
         pingItts.add(itt2);
       }
     }
-    if (rng.chance(0.25)) {
+    let answers = 0;
+    if (ending === 'answered' && rng.chance(0.25)) {
       logoutItt = c.nextItt++;
       const immediate = rng.chance(0.5);
       c.send(encodeLogoutRequest({ immediate, reason: 0, itt: logoutItt, cid: 0, cmdSN: c.cmdSN, expStatSN: c.expStatSN }));
@@ -728,8 +742,9 @@ async function concurrencyRound(fx: Fixture, rng: Rng, model: BlockModel, where:
     let loggedOut = false;
     const pending = (): number =>
       [...tasks.values()].filter((t) => t.status === undefined && !covered.has(t.itt)).length + tmfs.size + pingItts.size + (logoutItt !== undefined && !loggedOut ? 1 : 0);
-    while (pending() > 0) {
+    while (pending() > 0 && !(ending !== 'answered' && answers >= cutAfter)) {
       const p = await w.next();
+      answers++;
       if (!p) {
         if (loggedOut && c.isClosed) break;
         throw new Error(
@@ -780,6 +795,34 @@ async function concurrencyRound(fx: Fixture, rng: Rng, model: BlockModel, where:
         pingItts.clear();
       } else throw new Error(`${where}: unexpected opcode 0x${op.toString(16)} (${w.seen.slice(-3).join(' | ')})`);
     }
+    /** Writes of the reinstating session: certain, they came after every write of the old one. */
+    const after = new Map<number, Buffer>();
+    if (ending !== 'answered') {
+      sent.push(`cut after ${answers} answers: ${ending}`);
+      if (ending === 'drop') c.close();
+      else {
+        // The old session's unanswered commands are aborted; those already executing end on
+        // their own. The new session then writes blocks the old batch wrote: its data must win.
+        await new Promise((r) => setTimeout(r, 20)); // the old writes reach the device (and stay 150 ms)
+        fx.rw.ioDelayMs = deviceDelayMs;
+        successor = await goodLogin(fx.port, { keys: [['ImmediateData', 'Yes'], ['InitialR2T', 'No']] });
+        const sw = new Watch(successor, `${where} successor`);
+        const lbas = [...new Set([...tasks.values()].filter((t) => t.kind === 'write').map((t) => t.lba + rng.int(t.blocks)))].slice(0, 4);
+        const itts = new Map<number, number>();
+        for (const lba of lbas) {
+          const payload = rng.bytes(BLOCK);
+          itts.set(successor.scsi(write10(lba, 1), { write: BLOCK, data: payload }), lba);
+          model.add(lba, payload, `${where} successor write`);
+          after.set(lba, payload);
+        }
+        for (let k = 0; k < lbas.length; k++) {
+          const p = await sw.expect(Opcode.ScsiResponse, 'successor write');
+          expect(itts.has(p.bhs.readUInt32BE(16)) && p.bhs[3] === 0, `${where}: successor write status ${p.bhs[3]} ${sense(p)}`).toBe(true);
+        }
+      }
+      await c.closed; // dropped by us, or closed by the target on reinstatement
+      await new Promise((r) => setTimeout(r, 100)); // what the old session left executing has ended
+    }
     // Acknowledged writes are certain where no other write of the batch touched the block.
     const certain = new Map<number, Buffer>();
     for (const t of tasks.values()) {
@@ -823,14 +866,20 @@ async function concurrencyRound(fx: Fixture, rng: Rng, model: BlockModel, where:
     // Commands still executing when a connection was closed by us may still be finishing on the
     // device (TMF and Logout responses wait for the ones they abort; a dropped connection cannot).
     await new Promise((r) => setTimeout(r, 25));
+    for (const [b, payload] of after) certain.set(b, payload);
     model.settle(fx.rw.data, where, certain);
-    if (!loggedOut) await expectServiceable(c, `${where} after`);
+    if (successor) await expectServiceable(successor, `${where} successor after`);
+    else if (!loggedOut && ending === 'answered') await expectServiceable(c, `${where} after`);
     assertNoFaults(fx, where);
+    return ending;
   } finally {
+    fx.rw.ioDelayMs = deviceDelayMs;
     c.close();
     reader?.close();
+    successor?.close();
     await c.closed;
     if (reader) await reader.closed;
+    if (successor) await successor.closed;
   }
 }
 
@@ -922,12 +971,19 @@ describe(`seeded fuzz, part 2 (seed ${SEED}; BOOTRESTORE_FUZZ_SEED overrides)`, 
     }
   });
 
-  it('concurrency: QD 8–32 with TMFs, pings, logout and a second session → every task answered or covered, data never garbage', async () => {
+  it('concurrency: QD 8–32 with TMFs, pings, logout, dropped connections, session reinstatement and a second session → every task answered or covered, data never garbage, a reinstating session\'s writes win', async () => {
     const fx = await startFixture({ ioDelayMs: 1 });
     const rng = new Rng(SEED ^ 0x3333);
     const model = new BlockModel(fx.rw.data);
     try {
-      for (let i = 0; i < CONCURRENCY_ROUNDS; i++) await concurrencyRound(fx, rng.fork(), model, `concurrency round ${i}`);
+      const endings = new Map<RoundEnding, number>();
+      for (let i = 0; i < CONCURRENCY_ROUNDS; i++) {
+        // Rounds 1 and 2 always end by a drop and by a reinstatement; the others at random.
+        const forced = i === 1 ? 'drop' : i === 2 ? 'reinstate' : undefined;
+        const ending = await concurrencyRound(fx, rng.fork(), model, `concurrency round ${i}`, forced);
+        endings.set(ending, (endings.get(ending) ?? 0) + 1);
+      }
+      console.info(`[fuzz-more] concurrency rounds by ending: ${[...endings].map(([k, v]) => `${k} ${v}`).join(', ')}`);
     } finally {
       await fx.server.stop();
     }
