@@ -293,6 +293,19 @@ export class BackupBlockDevice implements BlockDevice {
     return isAllZero(data) ? 'zero' : data;
   }
 
+  /** Whether chunk `index` of base + delta still holds bytes of the base chunk (no delta: all of it). */
+  keepsBaseBytes(index: number): boolean {
+    const delta = this.delta;
+    if (delta === null) return true;
+    const start = index * this.chunkSize;
+    const u = delta.unitSize;
+    const endUnit = Math.ceil((start + this.reader.chunkLength(index)) / u);
+    for (let unit = Math.floor(start / u); unit < endUnit; unit = delta.map.runEnd(unit, endUnit)) {
+      if (delta.map.state(unit) === UNIT_BASE) return true;
+    }
+    return false;
+  }
+
   /** Statistics of this mount: its counters, its delta and the shared cache. */
   stats(): { mountId: string; metrics: DeviceMetrics; delta: ReturnType<DeltaStore['stats']> | null } {
     return { mountId: this.mountId, metrics: this.metrics, delta: this.delta?.stats() ?? null };
@@ -621,8 +634,8 @@ export function changedChunks(device: BackupBlockDevice): AsyncGenerator<Changed
  * `base` must check SHA-256 (openRestorePoint's default): a touched chunk keeps the bytes of its base
  * chunk the delta does not cover, read through the mount's cache, which may only have checked their
  * CRC32 (`cache.verify`). A valid chunk stored under the wrong digest passes that, and once merged and
- * hashed anew nothing could tell it later; so each touched chunk's base is loaded and checked through
- * `base` first (changed chunks only), and a mismatch fails the commit with the chunk's digest.
+ * hashed anew nothing could tell it later; so the base of each touched chunk that keeps base bytes is
+ * loaded and checked through `base` first, and a mismatch fails the commit with the chunk's digest.
  */
 export function commitSpecFor(
   device: BackupBlockDevice,
@@ -637,7 +650,7 @@ export function commitSpecFor(
     source: options.source,
     chunkContent: async (index: number, length: number) => {
       const content = await device.mergedChunk(index, length);
-      if (content !== 'parent' && base.chunkDigest(index) !== null) await base.loadChunk(index);
+      if (content !== 'parent' && base.chunkDigest(index) !== null && device.keepsBaseBytes(index)) await base.loadChunk(index);
       return content;
     },
   };

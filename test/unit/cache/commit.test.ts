@@ -180,7 +180,13 @@ describe('BackupBlockDevice over the real repository', () => {
       // What 'crc32' cannot see: the mount serves chunk 2's bytes as chunk 1.
       const blocksPerChunk = CHUNK / 512;
       expect((await device.read(blocksPerChunk, blocksPerChunk)).equals(image.subarray(2 * CHUNK, 3 * CHUNK))).toBe(true);
+      expect(device.keepsBaseBytes(1)).toBe(true);
       await device.write(blocksPerChunk + 4, Buffer.alloc(1024, 0x5a), { fua: true }); // touches part of chunk 1
+      expect(device.keepsBaseBytes(1)).toBe(true);
+      // Chunks rewritten or unmapped whole keep nothing of their base: commit need not check it.
+      await device.write(3 * blocksPerChunk, Buffer.alloc(CHUNK, 0x6b), { fua: true });
+      await device.unmap([{ lba: 0, blocks: blocksPerChunk }]);
+      expect([device.keepsBaseBytes(0), device.keepsBaseBytes(2), device.keepsBaseBytes(3)]).toEqual([false, true, false]);
       const base = await openRestorePoint(repo, 'vm2', point.info.id); // 'sha256', as MountManager.commit opens it
       try {
         const err = await writeRestorePoint(repo, commitSpecFor(device, base, { vm: 'vm2', parent: point.info.id, source: 'commit' }), {
