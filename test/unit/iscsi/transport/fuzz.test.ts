@@ -214,34 +214,25 @@ const INTERESTING_OPCODES = [0x00, 0x03, 0x12, 0x25, 0x28, 0x2a, 0x88, 0x8a, 0x9
 const READ_OPS = new Set([0x08, 0x28, 0xa8, 0x88]);
 const WRITE_OPS = new Set([0x0a, 0x2a, 0x2e, 0xaa, 0xae, 0x8a, 0x8e]);
 
+/** Where the READ/WRITE-family CDBs keep their LBA and block count (SBC-3 4.2.1: 6, 10, 12, 16 bytes). */
+type LbaLayout = 'cdb6' | 'cdb10' | 'cdb12' | 'cdb16';
+const LBA_LAYOUTS = new Map<number, LbaLayout>([
+  ...[0x08, 0x0a].map((op) => [op, 'cdb6'] as const),
+  ...[0x28, 0x2a, 0x2e, 0x2f, 0x34, 0x35, 0x41].map((op) => [op, 'cdb10'] as const),
+  ...[0xa8, 0xaa, 0xae, 0xaf].map((op) => [op, 'cdb12'] as const),
+  ...[0x88, 0x8a, 0x8b, 0x8e, 0x8f, 0x90, 0x91, 0x93].map((op) => [op, 'cdb16'] as const),
+]);
+
 /** LBA and block count of the READ/WRITE-family CDB layouts. */
 function lbaAndBlocks(cdb: Buffer): { lba: number; blocks: number } | undefined {
-  const op = cdb[0]!;
-  switch (op) {
-    case 0x08:
-    case 0x0a:
+  switch (LBA_LAYOUTS.get(cdb[0]!)) {
+    case 'cdb6':
       return { lba: ((cdb[1]! & 0x1f) << 16) | cdb.readUInt16BE(2), blocks: cdb[4]! || 256 };
-    case 0x28:
-    case 0x2a:
-    case 0x2e:
-    case 0x2f:
-    case 0x34:
-    case 0x35:
-    case 0x41:
+    case 'cdb10':
       return { lba: cdb.readUInt32BE(2), blocks: cdb.readUInt16BE(7) };
-    case 0xa8:
-    case 0xaa:
-    case 0xae:
-    case 0xaf:
+    case 'cdb12':
       return { lba: cdb.readUInt32BE(2), blocks: cdb.readUInt32BE(6) };
-    case 0x88:
-    case 0x8a:
-    case 0x8b:
-    case 0x8e:
-    case 0x8f:
-    case 0x90:
-    case 0x91:
-    case 0x93:
+    case 'cdb16':
       return { lba: cdb.readUInt32BE(2) * 2 ** 32 + cdb.readUInt32BE(6), blocks: cdb.readUInt32BE(10) };
     default:
       return undefined;
@@ -2498,42 +2489,27 @@ function randomCdb(rng: Rng): Buffer {
   for (let i = 2; i < Math.min(16, length); i++) if (rng.chance(0.7)) cdb[i] = 0;
   const lba = rng.chance(0.85) ? rng.int(RW_BLOCKS + 8) : rng.u32();
   const blocks = rng.chance(0.85) ? rng.int(17) : rng.u32() & 0xffff;
-  switch (op) {
-    case 0x08:
-    case 0x0a:
+  switch (LBA_LAYOUTS.get(op)) {
+    case 'cdb6':
       cdb[1] = (lba >>> 16) & 0x1f;
       cdb.writeUInt16BE(lba & 0xffff, 2);
       cdb[4] = blocks & 0xff;
-      break;
-    case 0x28:
-    case 0x2a:
-    case 0x2e:
-    case 0x2f:
-    case 0x34:
-    case 0x35:
-    case 0x41:
+      return cdb;
+    case 'cdb10':
       cdb.writeUInt32BE(lba >>> 0, 2);
       cdb.writeUInt16BE(blocks & 0xffff, 7);
-      break;
-    case 0xa8:
-    case 0xaa:
-    case 0xae:
-    case 0xaf:
+      return cdb;
+    case 'cdb12':
       cdb.writeUInt32BE(lba >>> 0, 2);
       cdb.writeUInt32BE(blocks >>> 0, 6);
-      break;
-    case 0x88:
-    case 0x8a:
-    case 0x8b:
-    case 0x8e:
-    case 0x8f:
-    case 0x90:
-    case 0x91:
-    case 0x93:
+      return cdb;
+    case 'cdb16':
       cdb.writeUInt32BE(0, 2);
       cdb.writeUInt32BE(lba >>> 0, 6);
       cdb.writeUInt32BE(blocks >>> 0, 10);
-      break;
+      return cdb;
+  }
+  switch (op) {
     case 0x89:
       cdb.writeUInt32BE(0, 2);
       cdb.writeUInt32BE(lba >>> 0, 6);
