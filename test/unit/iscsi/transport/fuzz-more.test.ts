@@ -1061,51 +1061,68 @@ describe('defects found by fuzz part 2', () => {
     }
   });
 
+  /**
+   * A one-block write to block 9 held 80 ms on the device, then `request` (sent 20 ms in) whose
+   * response (`opcode`) must not go out while the write can still change the medium: at the response
+   * the block is the old data or the write's, and it stays so. Returns that response.
+   */
+  async function writeThenRespond(
+    fill: number,
+    label: string,
+    opcode: number,
+    request: (c: RawInitiator, writeItt: number) => void,
+    after: (c: RawInitiator) => Promise<void>,
+  ): Promise<Pdu> {
+    const fx = await startFixture({ ioDelayMs: 80 });
+    try {
+      const before = Buffer.from(fx.rw.data.subarray(9 * BLOCK, 10 * BLOCK));
+      const c = await goodLogin(fx.port, { keys: [['ImmediateData', 'Yes'], ['InitialR2T', 'No']] });
+      const w = new Watch(c, label);
+      const itt = c.scsi(write10(9, 1), { write: BLOCK, data: Buffer.alloc(BLOCK, fill) });
+      await new Promise((r) => setTimeout(r, 20));
+      request(c, itt);
+      const response = await w.expect(opcode, label);
+      // The write was already on the device: it may or may not have landed (SAM-5 leaves that
+      // open), but nothing may change once the response is out.
+      const atResponse = Buffer.from(fx.rw.data.subarray(9 * BLOCK, 10 * BLOCK));
+      expect(atResponse.equals(before) || atResponse.equals(Buffer.alloc(BLOCK, fill))).toBe(true);
+      await new Promise((r) => setTimeout(r, 150));
+      expect(fx.rw.data.subarray(9 * BLOCK, 10 * BLOCK).equals(atResponse)).toBe(true);
+      await after(c);
+      return response;
+    } finally {
+      await fx.server.stop();
+    }
+  }
+
   // Found as a gap: the SCSI layer cannot stop a device write already under way, and the TMF
   // response went out without waiting for it, so an aborted write could change the medium after
   // FUNCTION COMPLETE. The response now waits for aborted commands already executing (as LIO does).
   it('a write already executing when ABORT TASK arrives: the TMF response waits for it, so the medium never changes after FUNCTION COMPLETE (SAM-5 7.1, RFC 7143 §4.2.3.3)', async () => {
-    const fx = await startFixture({ ioDelayMs: 80 });
-    try {
-      const before = Buffer.from(fx.rw.data.subarray(9 * BLOCK, 10 * BLOCK));
-      const c = await goodLogin(fx.port, { keys: [['ImmediateData', 'Yes'], ['InitialR2T', 'No']] });
-      const w = new Watch(c, 'gap');
-      const itt = c.scsi(write10(9, 1), { write: BLOCK, data: Buffer.alloc(BLOCK, 0xcc) });
-      await new Promise((r) => setTimeout(r, 20));
-      c.send(encodeTaskManagementRequest({ immediate: true, function: 1, lun: 0, itt: 0x901, referencedTaskTag: itt, cmdSN: c.cmdSN, expStatSN: c.expStatSN, refCmdSN: 0, expDataSN: 0 }));
-      const tmf = await w.expect(Opcode.TaskManagementResponse, 'ABORT TASK');
-      expect(tmf.bhs[2]).toBe(0);
-      // The aborted write was already on the device: it may or may not have landed (SAM-5 leaves
-      // that open), but nothing may change once FUNCTION COMPLETE is out.
-      const atResponse = Buffer.from(fx.rw.data.subarray(9 * BLOCK, 10 * BLOCK));
-      expect(atResponse.equals(before) || atResponse.equals(Buffer.alloc(BLOCK, 0xcc))).toBe(true);
-      await new Promise((r) => setTimeout(r, 150));
-      expect(fx.rw.data.subarray(9 * BLOCK, 10 * BLOCK).equals(atResponse)).toBe(true);
-      c.close();
-      await c.closed;
-    } finally {
-      await fx.server.stop();
-    }
+    const tmf = await writeThenRespond(
+      0xcc,
+      'ABORT TASK',
+      Opcode.TaskManagementResponse,
+      (c, itt) =>
+        c.send(encodeTaskManagementRequest({ immediate: true, function: 1, lun: 0, itt: 0x901, referencedTaskTag: itt, cmdSN: c.cmdSN, expStatSN: c.expStatSN, refCmdSN: 0, expDataSN: 0 })),
+      async (c) => {
+        c.close();
+        await c.closed;
+      },
+    );
+    expect(tmf.bhs[2]).toBe(0); // FUNCTION COMPLETE
   });
 
   it('a write still executing at logout: the Logout Response waits for it, so the medium never changes after it (RFC 7143 §11.14)', async () => {
-    const fx = await startFixture({ ioDelayMs: 80 });
-    try {
-      const before = Buffer.from(fx.rw.data.subarray(9 * BLOCK, 10 * BLOCK));
-      const c = await goodLogin(fx.port, { keys: [['ImmediateData', 'Yes'], ['InitialR2T', 'No']] });
-      const w = new Watch(c, 'logout');
-      c.scsi(write10(9, 1), { write: BLOCK, data: Buffer.alloc(BLOCK, 0xcd) });
-      await new Promise((r) => setTimeout(r, 20));
-      c.send(encodeLogoutRequest({ immediate: true, reason: 0, itt: 0x902, cid: 0, cmdSN: c.cmdSN, expStatSN: c.expStatSN }));
-      await w.expect(Opcode.LogoutResponse, 'logout');
-      const atResponse = Buffer.from(fx.rw.data.subarray(9 * BLOCK, 10 * BLOCK));
-      expect(atResponse.equals(before) || atResponse.equals(Buffer.alloc(BLOCK, 0xcd))).toBe(true);
-      await new Promise((r) => setTimeout(r, 150));
-      expect(fx.rw.data.subarray(9 * BLOCK, 10 * BLOCK).equals(atResponse)).toBe(true);
-      await c.closed;
-    } finally {
-      await fx.server.stop();
-    }
+    await writeThenRespond(
+      0xcd,
+      'logout',
+      Opcode.LogoutResponse,
+      (c) => c.send(encodeLogoutRequest({ immediate: true, reason: 0, itt: 0x902, cid: 0, cmdSN: c.cmdSN, expStatSN: c.expStatSN })),
+      async (c) => {
+        await c.closed;
+      },
+    );
   });
 });
 
