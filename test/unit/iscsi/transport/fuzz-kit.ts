@@ -1,9 +1,29 @@
 /**
  * Helpers shared by the seeded fuzz tests of the iSCSI target (fuzz.test.ts, fuzz-more.test.ts):
- * the seed taken from BOOTRESTORE_FUZZ_SEED, the seeded PRNG, and process-level crash detection.
+ * the seed taken from BOOTRESTORE_FUZZ_SEED, the seeded PRNG, process-level crash detection, and
+ * which target PDUs advance StatSN.
  */
 import { afterAll, beforeAll } from 'vitest';
 import { pseudoRandomBytes, xorshift32 } from '../../../helpers/prng.js';
+import { Opcode, RESERVED_TAG } from '../../../../src/iscsi/pdu/opcodes.js';
+
+/**
+ * Whether a target PDU with this opcode, ITT and flags byte (BHS byte 1) takes a StatSN of its own
+ * (RFC 7143 §3.2.2.2): responses, Reject, Async Message, a NOP-In answering a ping, the Data-In
+ * with status. R2T and a target-initiated NOP-In carry the next StatSN without advancing it.
+ */
+export function advancesStatSN(op: number, itt: number, flags: number): boolean {
+  return (
+    op === Opcode.ScsiResponse ||
+    op === Opcode.TaskManagementResponse ||
+    op === Opcode.TextResponse ||
+    op === Opcode.LogoutResponse ||
+    op === Opcode.Reject ||
+    op === Opcode.AsyncMessage ||
+    (op === Opcode.NopIn && itt !== RESERVED_TAG) ||
+    (op === Opcode.DataIn && (flags & 0x01) !== 0)
+  );
+}
 
 /**
  * Records uncaught exceptions and unhandled rejections while the calling test file runs (the target

@@ -48,7 +48,7 @@ import { encodeText, parseText } from '../../../../src/iscsi/login/text.js';
 import { MemoryDevice } from '../../../helpers/memory-device.js';
 import { pseudoRandomBytes } from '../../../helpers/prng.js';
 import { RawInitiator, read10, TEST_UNIT_READY, write10 } from './raw-initiator.js';
-import { Rng, seedFromEnv, watchProcessFaults } from './fuzz-kit.js';
+import { advancesStatSN, Rng, seedFromEnv, watchProcessFaults } from './fuzz-kit.js';
 
 const DEFAULT_SEED = 0x2b6f_2026;
 const SEED = seedFromEnv(DEFAULT_SEED);
@@ -436,15 +436,7 @@ class Watch {
       const itt = p.bhs.readUInt32BE(16);
       this.seen.push(`op=0x${op.toString(16)} itt=${itt} statSN=${statSN}`);
       if (this.c.framingErrors.length > 0) throw new Error(`seed=${SEED} ${this.where}: bad digest from the target: ${this.c.framingErrors.join(',')}`);
-      const advances =
-        op === Opcode.ScsiResponse ||
-        op === Opcode.TaskManagementResponse ||
-        op === Opcode.LogoutResponse ||
-        op === Opcode.Reject ||
-        op === Opcode.TextResponse ||
-        (op === Opcode.NopIn && itt !== RESERVED_TAG) ||
-        (op === Opcode.DataIn && (p.bhs[1]! & 0x01) !== 0);
-      if (advances) {
+      if (advancesStatSN(op, itt, p.bhs[1]!)) {
         // The raw initiator's ExpStatSN is the StatSN expected next (login and helpers keep it).
         if (statSN !== this.c.expStatSN) {
           throw new Error(`seed=${SEED} ${this.where}: StatSN ${statSN}, expected ${this.c.expStatSN}\n${this.seen.slice(-8).join('\n')}`);

@@ -72,7 +72,7 @@ import { serialDiff } from '../../../../src/iscsi/session/command-window.js';
 import { MemoryDevice } from '../../../helpers/memory-device.js';
 import { pseudoRandomBytes } from '../../../helpers/prng.js';
 import { RawInitiator, read10, write10 } from './raw-initiator.js';
-import { Rng, seedFromEnv, watchProcessFaults } from './fuzz-kit.js';
+import { advancesStatSN, Rng, seedFromEnv, watchProcessFaults } from './fuzz-kit.js';
 
 // ---------------------------------------------------------------------------------------------
 // Knobs. Tuned for < ~25 s on a 2-vCPU machine (see the report printed at the end of each test).
@@ -1655,16 +1655,7 @@ class FfpFuzzer {
     this.lastTargetExp = seq.expCmdSN;
     this.max = seq.maxCmdSN;
     // StatSN: advanced by each status-bearing PDU; R2T and unsolicited NOP-In carry the next one.
-    const advances =
-      op === Opcode.ScsiResponse ||
-      op === Opcode.TaskManagementResponse ||
-      op === Opcode.TextResponse ||
-      op === Opcode.LogoutResponse ||
-      op === Opcode.Reject ||
-      op === Opcode.AsyncMessage ||
-      (op === Opcode.NopIn && itt !== RESERVED_TAG) ||
-      (op === Opcode.DataIn && (bhs[1]! & 0x01) !== 0);
-    if (advances) {
+    if (advancesStatSN(op, itt, bhs[1]!)) {
       if (seq.statSN !== this.nextStatSN) this.fail(`StatSN ${seq.statSN}, expected ${this.nextStatSN}`);
       this.nextStatSN = (this.nextStatSN + 1) >>> 0;
     } else if ((op === Opcode.ReadyToTransfer || op === Opcode.NopIn) && seq.statSN !== this.nextStatSN) {
